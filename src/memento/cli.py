@@ -1,0 +1,39 @@
+"""The `memento` command. Each subcommand lives next to the code it drives and registers itself
+here; heavy imports (torch, transformers) happen inside the commands so `--help` stays fast."""
+
+from __future__ import annotations
+
+import typer
+
+from memento import __version__
+
+app = typer.Typer(
+    name="memento",
+    help="MEMENTO block reasoning: annotate, train, generate with KV eviction, evaluate, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"memento {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """MEMENTO block reasoning toolkit."""
+
+
+def _register_commands() -> None:
+    from memento import kv_cli
+
+    for module in (kv_cli,):
+        module.register(app)
+
+
+_register_commands()
