@@ -77,8 +77,10 @@ class MementoTrace:
             raise ValueError("field 'blocks' must be a list of {reasoning, memento}")
         blocks = []
         for i, b in enumerate(record["blocks"]):
-            if not isinstance(b, dict) or not isinstance(b.get("reasoning"), str) or not isinstance(
-                b.get("memento"), str
+            if (
+                not isinstance(b, dict)
+                or not isinstance(b.get("reasoning"), str)
+                or not isinstance(b.get("memento"), str)
             ):
                 raise ValueError(f"blocks[{i}] must be an object with string 'reasoning' and 'memento'")
             blocks.append(Block(b["reasoning"], b["memento"]))
@@ -155,7 +157,9 @@ def parse(text: str, problem: str = "") -> tuple[MementoTrace, list[FormatProble
         elif state == "summary":
             pieces.append(chunk)
         elif chunk.strip():
-            problems.append(FormatProblem(TEXT_OUTSIDE_BLOCKS, body_base(body_start, cursor), chunk.strip()[:80]))
+            problems.append(
+                FormatProblem(TEXT_OUTSIDE_BLOCKS, body_base(body_start, cursor), chunk.strip()[:80])
+            )
         cursor = m.end()
 
         if tok == BLOCK_START:
@@ -211,7 +215,9 @@ def parse(text: str, problem: str = "") -> tuple[MementoTrace, list[FormatProble
             problems.append(FormatProblem(BLOCK_WITHOUT_SUMMARY, len(text)))
             blocks.append(Block(reasoning, ""))
         if tail.strip():
-            problems.append(FormatProblem(TEXT_OUTSIDE_BLOCKS, body_base(body_start, cursor), tail.strip()[:80]))
+            problems.append(
+                FormatProblem(TEXT_OUTSIDE_BLOCKS, body_base(body_start, cursor), tail.strip()[:80])
+            )
     return MementoTrace(problem, tuple(blocks), answer), problems
 
 
