@@ -1,0 +1,160 @@
+"""The toy tasks: deterministic, split without overlap, mementos that carry the state, round-trips."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from memento.format import parse
+from memento.toy.tasks import (
+    TEST,
+    TRAIN,
+    ChainProblem,
+    ChainTask,
+    ProbeTask,
+    from_lsb,
+    lsb,
+)
+
+
+def test_lsb_round_trip():
+    assert lsb(253, 3) == "352"
+    assert lsb(7, 3) == "700"
+    assert all(from_lsb(lsb(v, 4)) == v for v in range(0, 10_000, 37))
+
+
+@pytest.mark.parametrize("split", [TRAIN, TEST])
+def test_chain_problems_are_deterministic_by_seed(split):
+    task = ChainTask()
+    assert task.problems(50, split=split, seed=3) == task.problems(50, split=split, seed=3)
+    assert task.problems(50, split=split, seed=3) != task.problems(50, split=split, seed=4)
+
+
+def test_chain_splits_do_not_overlap():
+    task = ChainTask()
+    train = task.problems(3000, split=TRAIN, seed=0)
+    test = task.problems(300, split=TEST, seed=0)
+    train_starts = {(p.x0, p.b) for p in train}
+    assert not train_starts & {(p.x0, p.b) for p in test}
+    assert all(task.split_of(p) == TRAIN for p in train)
+    assert all(task.split_of(p) == TEST for p in test)
+    assert len(set(test)) == len(test)
+
+
+def test_chain_trace_structure_and_answer():
+    task = ChainTask(block_steps=4)
+    p = ChainProblem(x0=253, b=47, n=10)
+    trace = task.trace(p)
+    assert trace.answer == "x=" + lsb((253 + 10 * 47) % 1000, 3) == task.answer(p)
+    assert len(trace.blocks) == 3  # 4 + 4 + 2 steps
+    assert [len(b.reasoning.splitlines()) for b in trace.blocks] == [4, 4, 2]
+    assert trace.blocks[-1].memento.startswith("00 ")
+    # the prompt ends with the start state, where the first step copies it from
+    assert trace.problem.endswith("n=10 b=740 x=352")
+    assert trace.blocks[0].reasoning.startswith("10 x=352 b=740 3+7+0=10 5+4+1=10 2+0+1=03 x=003")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_memento_carries_the_state(seed):
+    """Re-deriving the answer from any memento alone (steps left, x, b) gives the answer."""
+    task = ChainTask(block_steps=3, max_steps=20)
+    for p in task.problems(20, seed=seed):
+        trace = task.trace(p)
+        for block in trace.blocks:
+            assert task.continue_from(block.memento) == trace.answer
+        # and each step's header is the state the previous step produced
+        lines = [line for b in trace.blocks for line in b.reasoning.splitlines()]
+        for before, after in zip(lines, lines[1:], strict=False):
+            assert before.split()[-1] == after.split()[1]
+
+
+def test_chain_is_correct_tolerates_whitespace_and_eos():
+    task = ChainTask()
+    p = ChainProblem(1, 2, 3)
+    assert task.is_correct(p, "\n" + task.answer(p) + "<|endoftext|>")
+    assert not task.is_correct(p, "x=000")
+    assert task.continue_from("garbage") is None
+
+
+def test_chain_control_has_same_reasoning_without_markers():
+    task = ChainTask()
+    trace = task.trace(ChainProblem(999, 999, 9))
+    control = trace.render_control()
+    assert "<|block_start|>" not in control and "<|summary_start|>" not in control
+    for block in trace.blocks:
+        assert block.reasoning in control
+    assert control.endswith(trace.answer)
+
+
+def test_chain_traces_parse_back():
+    task = ChainTask(block_steps=2)
+    for p in task.problems(30, seed=1):
+        trace = task.trace(p)
+        parsed, problems = parse(trace.render(), trace.problem)
+        assert problems == []
+        assert parsed == trace
+
+
+def test_chain_config_is_validated():
+    with pytest.raises(ValueError):
+        ChainTask(block_steps=0)
+    with pytest.raises(ValueError):
+        ChainTask(min_steps=5, max_steps=2)
+    with pytest.raises(ValueError):
+        ChainTask().problems(1, split="dev")
+
+
+def test_chain_length_range_is_respected():
+    task = ChainTask(max_steps=16)
+    ns = {p.n for p in task.problems(300, seed=0, min_steps=12)}
+    assert ns <= set(range(12, 17)) and len(ns) > 1
+
+
+def test_probe_trace_running_sums():
+    task = ProbeTask()
+    p = task.problems(1, seed=0)[0]
+    trace = task.trace(p)
+    assert len(trace.blocks) == 10
+    total = 0
+    for digits, block in zip(p.digits, trace.blocks, strict=True):
+        assert len(digits) == 5
+        assert block.reasoning == " ".join(map(str, digits))
+        total += sum(digits)
+        assert block.memento == f"sum={total:03d}"
+    assert trace.answer == f"sum={total:03d}"
+    parsed, problems = parse(trace.render(), trace.problem)
+    assert problems == [] and parsed == trace
+
+
+@pytest.mark.parametrize("block", [0, 4, 9])
+def test_passcode_lands_in_the_chosen_block(block):
+    task = ProbeTask()
+    p = task.problems(1, seed=2)[0]
+    q = task.inject_passcode(p, block, "12345")
+    trace = task.trace(q)
+    holders = [i for i, b in enumerate(trace.blocks) if "12345" in b.reasoning]
+    assert holders == [block]
+    assert all("12345" not in b.memento for b in trace.blocks)
+    assert trace.answer == task.trace(p).answer  # the passcode does not change the sums
+
+
+def test_probe_generation_with_passcodes_is_deterministic_and_split():
+    task = ProbeTask()
+    a = task.problems(20, split=TEST, seed=5, passcode_block=3)
+    assert a == task.problems(20, split=TEST, seed=5, passcode_block=3)
+    assert all(p.passcode_block == 3 and len(p.passcode) == 5 for p in a)
+    assert all(task.split_of(p) == TEST for p in a)
+    train = task.problems(200, seed=0)
+    assert not {p.digits for p in train} & {p.digits for p in a}
+    with pytest.raises(ValueError):
+        task.inject_passcode(a[0], 10, "12345")
+    with pytest.raises(ValueError):
+        task.inject_passcode(a[0], 0, "1234")
+
+
+def test_samples_do_not_touch_global_rng():
+    state = random.getstate()
+    ChainTask().problems(10, seed=0)
+    ProbeTask().problems(3, seed=0)
+    assert random.getstate() == state
