@@ -33,8 +33,9 @@ def main(
 
 def _register_commands() -> None:
     from memento import kv_cli
+    from memento.eval import cli as eval_cli
 
-    for module in (kv_cli,):
+    for module in (kv_cli, eval_cli):
         module.register(app)
 
 
