@@ -34,8 +34,9 @@ def main(
 def _register_commands() -> None:
     from memento import kv_cli
     from memento.eval import cli as eval_cli
+    from memento.train import cli as train_cli
 
-    for module in (kv_cli, eval_cli):
+    for module in (kv_cli, eval_cli, train_cli):
         module.register(app)
 
 

@@ -1,0 +1,154 @@
+"""`memento train`: flags and/or a YAML/JSON config file -> `SFTConfig` -> `train()`.
+
+Every flag defaults to "not given" so that a config file supplies values and flags override them.
+torch/transformers are imported inside the command to keep `memento --help` fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+STAGE_HELP = "full = Stage 1 (causal attention); memento = Stage 2 (block mask, as the engine evicts)."
+
+
+def parse_masking(value: str) -> dict[str, Any]:
+    """`--masking-config`: inline JSON or a path to a JSON/YAML file."""
+    path = Path(value)
+    if not value.lstrip().startswith("{") and path.is_file():
+        from memento.train.sft import load_config_file
+
+        return load_config_file(path)
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--masking-config is neither a file nor valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError("--masking-config must be a JSON object of block-masking options")
+    return data
+
+
+def build_config(config_file: Path | None, flags: dict[str, Any], masking: dict[str, Any]):
+    """Merge file < flags (only those given) and validate into an `SFTConfig`."""
+    from memento.train.sft import SFTConfig, load_config_file
+
+    values = load_config_file(config_file) if config_file else {}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if masking:
+        merged = dict(values.get("masking") or {})
+        merged.update(masking)
+        values["masking"] = merged
+    return SFTConfig.from_dict(values)
+
+
+def train_command(
+    model: str = typer.Option(None, "--model", help="HF causal LM directory (any architecture)."),
+    data: Path = typer.Option(None, "--data", help="Memento traces, JSONL (problem, blocks, answer)."),
+    output_dir: Path = typer.Option(None, "--output-dir", help="Where checkpoints and the final model go."),
+    stage: str = typer.Option(None, "--stage", help=STAGE_HELP + " [default: full]"),
+    fmt: str = typer.Option(None, "--format", help="memento, or control (no markers; the Control row)."),
+    config: Path = typer.Option(None, "--config", help="YAML/JSON file with the same keys as the flags."),
+    system_prompt: str = typer.Option(None, "--system-prompt", help="System prompt (none by default)."),
+    max_length: int = typer.Option(None, "--max-length", help="Token cap per sample [default: 4096]."),
+    overlong: str = typer.Option(None, "--overlong", help="truncate | drop samples over --max-length."),
+    masking_config: str = typer.Option(None, "--masking-config", help="Block-masking options, JSON or file."),
+    keep_last_n_blocks: int = typer.Option(
+        None, "--keep-last-n-blocks", help="Stage-2 mask: blocks kept [0]."
+    ),
+    mask_delimiters: bool = typer.Option(
+        None, "--mask-delimiters/--no-mask-delimiters", help="Stage-2 mask: also hide block delimiters."
+    ),
+    attention: str = typer.Option(None, "--attention", help="auto | sdpa | eager | flex (CUDA) [auto]."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
+    epochs: float = typer.Option(None, "--epochs", help="Epochs [3]."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate [8e-5]."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Per-device batch size [1]."),
+    grad_accum: int = typer.Option(None, "--grad-accum", help="Gradient accumulation steps [1]."),
+    warmup_ratio: float = typer.Option(None, "--warmup-ratio", help="Warmup fraction of steps [0.05]."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay [0]."),
+    save_steps: int = typer.Option(None, "--save-steps", help="Checkpoint every N steps [500]."),
+    save_total_limit: int = typer.Option(None, "--save-total-limit", help="Keep at most N checkpoints."),
+    logging_steps: int = typer.Option(None, "--logging-steps", help="Log every N steps [10]."),
+    seed: int = typer.Option(None, "--seed", help="Random seed [42]."),
+    resume: str = typer.Option(
+        None, "--resume", help="'latest' (newest checkpoint in --output-dir) or a checkpoint path."
+    ),
+    gradient_checkpointing: bool = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory."
+    ),
+    bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 mixed precision [auto: on with CUDA]."),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar and log lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Supervised fine-tuning, Stage 1 (--stage full) or Stage 2 (--stage memento), on any HF causal LM.
+
+    Runs unchanged under `accelerate launch` (data parallel, DeepSpeed, FSDP): see docs/train.md."""
+    flags = {
+        "model": model,
+        "data": str(data) if data else None,
+        "output_dir": str(output_dir) if output_dir else None,
+        "stage": stage,
+        "format": fmt,
+        "system_prompt": system_prompt,
+        "max_length": max_length,
+        "overlong": overlong,
+        "attention": attention,
+        "max_steps": max_steps,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "warmup_ratio": warmup_ratio,
+        "weight_decay": weight_decay,
+        "save_steps": save_steps,
+        "save_total_limit": save_total_limit,
+        "logging_steps": logging_steps,
+        "seed": seed,
+        "resume": resume,
+        "gradient_checkpointing": gradient_checkpointing,
+        "bf16": bf16,
+        "progress": progress,
+    }
+    try:
+        masking = parse_masking(masking_config) if masking_config else {}
+        if keep_last_n_blocks is not None:
+            masking["keep_last_n_blocks"] = keep_last_n_blocks
+        if mask_delimiters is not None:
+            masking["mask_delimiters"] = mask_delimiters
+        cfg = build_config(config, flags, masking)
+        from memento.train.sft import train
+
+        result = train(cfg)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    if as_json:
+        out = result.to_dict()
+        out.pop("log_history")
+        typer.echo(json.dumps(out, default=str))
+    else:
+        loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+        typer.echo(
+            f"done: {result.global_step} steps, final loss {loss}, "
+            f"{result.tokens_per_s:,.0f} tokens/s -> {result.output_dir}"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `train` to the `memento` command."""
+    app.command("train")(train_command)
+
+
+def main() -> None:
+    """Stand-alone entry (`python -m memento.train`), e.g. for `accelerate launch -m memento.train`."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(train_command)
+    app()

@@ -1,0 +1,109 @@
+"""Batching for the two SFT stages.
+
+Stage 1 (`full`): ordinary causal attention; a 2D padding mask lets the model build it.
+Stage 2 (`memento`): the block mask from `memento.masking` (the code the engine evicts with), in
+its compact per-key form: `kill[b, k]` = first query that may no longer see key `k`. The dense
+`(B, 1, L, L)` mask and the flex_attention BlockMask are both derived from it, so they agree.
+
+Padding (right side): a padded key is visible to no real query, and a padded query sees only
+itself, so no softmax row is empty (sdpa would give NaN) and no real row is affected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from memento.masking import BlockMaskingConfig, kill_times
+from memento.tokens import MarkerIds
+from memento.train.data import IGNORE_INDEX, Sample
+
+STAGES = ("full", "memento")
+MASK_FORMATS = ("dense", "kill_times")
+
+
+def padded_kill_times(rows: Sequence[torch.Tensor], length: int) -> torch.LongTensor:
+    """Stack per-row kill times to `(B, length)`; padded key `k` gets `k + 1` (seen by itself only).
+
+    Real keys keep their kill time, which is at most the row length, so padded queries never see
+    them."""
+    out = torch.arange(1, length + 1, dtype=torch.long).repeat(len(rows), 1)
+    for b, kill in enumerate(rows):
+        out[b, : kill.shape[0]] = kill
+    return out
+
+
+def dense_mask_from_kill_times(kill: torch.Tensor) -> torch.BoolTensor:
+    """`(B, L)` kill times -> `(B, 1, L, L)` bool mask (True = attend): `k <= q < kill[b, k]`."""
+    length = kill.shape[-1]
+    pos = torch.arange(length, device=kill.device)
+    causal = pos[None, :] <= pos[:, None]
+    return (causal[None] & (pos[None, :, None] < kill[:, None, :])).unsqueeze(1)
+
+
+@dataclass
+class MementoCollator:
+    """Pads a list of samples into a batch for `stage` ("full" or "memento").
+
+    Stage 2 emits `attention_mask` as a dense `(B, 1, L, L)` bool mask (`mask_format="dense"`), or
+    the compact `kill_times` `(B, L)` for the trainer to turn into a flex_attention BlockMask on
+    the device (`mask_format="kill_times"`). Position ids are always explicit: `0..L-1` per row.
+    `return_lengths` adds the real row lengths (`lengths`, popped by the trainer to count tokens).
+    """
+
+    pad_token_id: int
+    stage: str = "full"
+    markers: MarkerIds | None = None
+    masking: BlockMaskingConfig | None = None
+    mask_format: str = "dense"
+    pad_to_multiple_of: int | None = None
+    return_lengths: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.mask_format not in MASK_FORMATS:
+            raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {self.mask_format!r}")
+        if self.stage == "memento" and self.markers is None:
+            raise ValueError("stage 'memento' needs the marker ids (MarkerIds.from_tokenizer)")
+        if self.masking is None:
+            self.masking = BlockMaskingConfig()
+
+    def __call__(self, features: Sequence[Sample | Mapping]) -> dict[str, torch.Tensor]:
+        rows = [_as_pair(f) for f in features]
+        length = max(len(ids) for ids, _ in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(rows)
+        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        padding = torch.zeros((batch, length), dtype=torch.long)
+        for b, (ids, lab) in enumerate(rows):
+            input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            labels[b, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+            padding[b, : len(ids)] = 1
+        out = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": torch.arange(length, dtype=torch.long).repeat(batch, 1),
+        }
+        if self.return_lengths:
+            out["lengths"] = padding.sum(1)
+        if self.stage == "full":
+            out["attention_mask"] = padding
+            return out
+        kill = padded_kill_times([kill_times(ids, self.markers, self.masking) for ids, _ in rows], length)
+        if self.mask_format == "kill_times":
+            out["kill_times"] = kill
+        else:
+            out["attention_mask"] = dense_mask_from_kill_times(kill)
+        return out
+
+
+def _as_pair(feature: Sample | Mapping) -> tuple[list[int], list[int]]:
+    if isinstance(feature, Sample):
+        return feature.input_ids, feature.labels
+    ids = list(feature["input_ids"])
+    return ids, list(feature.get("labels", ids))

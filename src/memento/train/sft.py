@@ -1,0 +1,403 @@
+"""Two-stage SFT (`memento train`): a config dataclass, a thin HF `Trainer` subclass, and `train()`.
+
+Stage 1 (`full`) teaches the format with ordinary causal attention; Stage 2 (`memento`) trains
+with the block mask the engine evicts with, so the model learns to carry what it needs in its
+mementos. Defaults follow the MEMENTO paper: AdamW (0.9, 0.999), no weight decay, lr 8e-5 cosine
+with 5% warmup, grad clip 1.0, bf16 on GPU (fp32 on CPU). Runs as is under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memento.masking import BlockMaskingConfig
+from memento.train.collator import STAGES
+from memento.train.data import FORMATS, OVERLONG, DataStats
+
+ATTENTION = ("auto", "sdpa", "eager", "flex")
+CONFIG_FILE_NAME = "memento_train.json"
+
+
+@dataclass
+class SFTConfig:
+    """Everything `memento train` needs; the same keys work in a YAML/JSON config file.
+
+    `resume`: None (fresh), "latest" (the newest checkpoint-* in output_dir, fresh if none), or a
+    checkpoint path. `attention`: "auto" = sdpa with a dense mask, except flex_attention on CUDA
+    for Stage 2 once a sample is longer than `flex_threshold` tokens. `bf16`: None = on iff CUDA
+    supports it. `max_steps` > 0 overrides `epochs`.
+    """
+
+    model: str
+    data: str
+    output_dir: str
+    stage: str = "full"
+    format: str = "memento"
+    system_prompt: str | None = None
+    max_length: int = 4096
+    overlong: str = "truncate"
+    masking: BlockMaskingConfig = field(default_factory=BlockMaskingConfig)
+    attention: str = "auto"
+    flex_threshold: int = 4096
+    max_steps: int = -1
+    epochs: float = 3.0
+    lr: float = 8e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 1
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    logging_steps: int = 10
+    seed: int = 42
+    resume: str | None = None
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.masking, dict):
+            self.masking = BlockMaskingConfig.from_dict(self.masking)
+        if not isinstance(self.masking, BlockMaskingConfig):
+            raise ValueError(f"masking must be a dict of block-masking options, got {self.masking!r}")
+        for name, allowed in (
+            ("stage", STAGES),
+            ("format", FORMATS),
+            ("overlong", OVERLONG),
+            ("attention", ATTENTION),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.stage == "memento" and self.format == "control":
+            raise ValueError(
+                "--format control has no blocks, so the Stage-2 mask would be plain causal; "
+                "train the Control row with --stage full"
+            )
+        if self.masking.restart_mode:
+            raise ValueError("restart_mode is an inference ablation with no single training mask")
+        for name in (
+            "max_length",
+            "batch_size",
+            "grad_accum",
+            "save_steps",
+            "logging_steps",
+            "flex_threshold",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps == 0:
+            raise ValueError(
+                f"max_steps must be a positive integer or -1 (use epochs), got {self.max_steps!r}"
+            )
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr <= 0 or self.epochs <= 0:
+            raise ValueError("lr and epochs must be positive")
+        if self.resume is not None and not isinstance(self.resume, str):
+            raise ValueError(f"resume must be 'latest' or a checkpoint path, got {self.resume!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SFTConfig:
+        """Build from a dict (keys as in the config file; `-` and `_` both accepted).
+
+        Unknown keys are errors: a typo must not silently train with a default."""
+        known = {f.name for f in fields(cls)}
+        normalized = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(normalized) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; valid options: {sorted(known)}")
+        missing = sorted(n for n in ("model", "data", "output_dir") if normalized.get(n) in (None, ""))
+        if missing:
+            flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+            raise ValueError(f"missing required option(s) {missing}: pass {flags} or set them in --config")
+        return cls(**normalized)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["masking"] = self.masking.to_dict()
+        return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict (validated later by `SFTConfig.from_dict`)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read config file: {exc}") from exc
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml and json raise different error types
+        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option -> value at the top level")
+    return data
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; `tokens_per_s` counts real (non-padding) tokens over all processes."""
+
+    output_dir: str
+    global_step: int
+    final_loss: float | None
+    mean_loss: float | None
+    train_tokens: int
+    tokens_per_s: float
+    seconds: float
+    attention: str
+    resumed_from: str | None
+    data: DataStats
+    log_history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _trainer_class():
+    """Defined lazily so importing memento.train does not import transformers."""
+    from transformers import Trainer
+
+    from memento.train.flex import block_mask_from_kill_times
+
+    class MementoTrainer(Trainer):
+        """HF Trainer that turns the collator's Stage-2 mask into what the attention backend needs
+        (BlockMask for flex, additive float for eager) and counts the real tokens it trains on."""
+
+        def __init__(self, *args, attention: str = "sdpa", **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.attention = attention
+            self.tokens_seen = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = dict(inputs)
+            lengths = inputs.pop("lengths", None)
+            kill = inputs.pop("kill_times", None)
+            if kill is not None:
+                inputs["attention_mask"] = block_mask_from_kill_times(kill)
+            mask = inputs.get("attention_mask")
+            if self.attention == "eager" and isinstance(mask, torch.Tensor) and mask.ndim == 4:
+                dtype = next(model.parameters()).dtype
+                inputs["attention_mask"] = torch.zeros(
+                    mask.shape, dtype=dtype, device=mask.device
+                ).masked_fill(~mask.bool(), torch.finfo(dtype).min)
+            if lengths is not None and model.training:
+                self.tokens_seen += int(lengths.sum())
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+
+    return MementoTrainer
+
+
+def prepare_model_and_tokenizer(model_dir: str, fmt: str = "memento", *, dtype: torch.dtype = torch.float32):
+    """Load any HF causal LM; add and initialise the markers if missing; ensure a chat template.
+
+    Markers are added for the memento format only (the Control row keeps the base vocabulary)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memento.tokens import MarkerIds, add_memento_tokens, ensure_chat_template
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{model_dir}: cannot load a causal LM + tokenizer: {exc}") from exc
+    added = False
+    if fmt == "memento":
+        rows = model.get_input_embeddings().weight.shape[0]
+        try:
+            ids = MarkerIds.from_tokenizer(tokenizer)
+            needs = max(ids.block_markers) >= rows
+        except ValueError:
+            needs = True
+        if needs:
+            add_memento_tokens(tokenizer, model)
+            added = True
+    ensure_chat_template(tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{model_dir}: the tokenizer has no chat template and no ChatML tokens to use ours; "
+            "add a chat_template to tokenizer_config.json"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = False
+    return model, tokenizer, added
+
+
+def choose_attention(cfg: SFTConfig, longest: int, cuda: bool) -> str:
+    """Resolve `attention="auto"`; flex has no backward on CPU, so it is refused there."""
+    if cfg.attention == "flex" and not cuda:
+        raise ValueError("--attention flex needs CUDA (flex_attention has no backward pass on CPU); use sdpa")
+    if cfg.attention != "auto":
+        return cfg.attention
+    if cuda and cfg.stage == "memento" and longest > cfg.flex_threshold:
+        return "flex"
+    return "sdpa"
+
+
+def resolve_resume(cfg: SFTConfig) -> str | None:
+    """The checkpoint to resume from (None = fresh start)."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = Path(cfg.output_dir)
+        return get_last_checkpoint(str(out)) if out.is_dir() else None
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(
+            f"{path}: not a checkpoint directory (no trainer_state.json); pass 'latest' or a checkpoint-N dir"
+        )
+    return str(path)
+
+
+def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
+    """Run one SFT stage end to end and save a loadable model + tokenizer to `cfg.output_dir`.
+
+    The dataset is read and validated before the model is loaded, so a bad line fails fast."""
+    from transformers import TrainingArguments, set_seed
+
+    from memento.format import read_traces
+    from memento.tokens import MarkerIds
+    from memento.train.collator import MementoCollator
+    from memento.train.data import tokenize_traces
+
+    data_path = Path(cfg.data)
+    if not data_path.is_file():
+        raise ValueError(f"{data_path}: training data file not found")
+    traces = read_traces(data_path)
+    if not traces:
+        raise ValueError(f"{data_path}: no traces in file (expected JSONL lines with problem/blocks/answer)")
+
+    cuda = torch.cuda.is_available()
+    bf16 = (cuda and torch.cuda.is_bf16_supported()) if cfg.bf16 is None else cfg.bf16
+    if bf16 and not cuda:
+        raise ValueError("bf16 training needs a GPU here; leave bf16 unset on CPU (fp32)")
+    set_seed(cfg.seed)
+    model, tokenizer, _ = prepare_model_and_tokenizer(cfg.model, cfg.format)
+    samples, stats = tokenize_traces(
+        traces,
+        tokenizer,
+        fmt=cfg.format,
+        system_prompt=cfg.system_prompt,
+        max_length=cfg.max_length,
+        overlong=cfg.overlong,
+    )
+    longest = max(len(s) for s in samples)
+    attention = choose_attention(cfg, longest, cuda)
+    if attention != "sdpa":
+        model.set_attn_implementation("flex_attention" if attention == "flex" else "eager")
+
+    markers = MarkerIds.from_tokenizer(tokenizer) if cfg.stage == "memento" else None
+    collator = MementoCollator(
+        pad_token_id=tokenizer.pad_token_id,
+        stage=cfg.stage,
+        markers=markers,
+        masking=cfg.masking,
+        mask_format="kill_times" if attention == "flex" else "dense",
+        return_lengths=True,
+    )
+    args = TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        optim="adamw_torch",
+        max_grad_norm=cfg.max_grad_norm,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        bf16=bf16,
+        use_cpu=not cuda,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        remove_unused_columns=False,
+        report_to=[],
+        disable_tqdm=not cfg.progress,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=samples,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        attention=attention,
+    )
+    main = trainer.is_world_process_zero()
+    if main and cfg.progress:
+        print(
+            f"[memento train] stage={cfg.stage} format={cfg.format} attention={attention} data: {stats.summary()}"
+        )
+    resume_from = resolve_resume(cfg)
+    if main and cfg.progress and cfg.resume:
+        print(
+            f"[memento train] resuming from {resume_from}"
+            if resume_from
+            else "[memento train] no checkpoint to resume; starting fresh"
+        )
+
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+    tokens = trainer.tokens_seen
+    if trainer.accelerator.num_processes > 1:
+        t = torch.tensor([tokens], device=trainer.accelerator.device)
+        tokens = int(trainer.accelerator.reduce(t, reduction="sum").item())
+    trainer.save_model(cfg.output_dir)  # model + tokenizer (processing_class), main process writes
+
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    mean_loss = output.metrics.get("train_loss") if output.metrics else None
+    result = TrainResult(
+        output_dir=str(cfg.output_dir),
+        global_step=trainer.state.global_step,
+        final_loss=float(losses[-1]) if losses else (float(mean_loss) if mean_loss is not None else None),
+        mean_loss=float(mean_loss) if mean_loss is not None and math.isfinite(mean_loss) else None,
+        train_tokens=tokens,
+        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+        attention=attention,
+        resumed_from=resume_from,
+        data=stats,
+        log_history=list(trainer.state.log_history),
+    )
+    if main:
+        record = {
+            "config": cfg.to_dict(),
+            "result": {k: v for k, v in result.to_dict().items() if k != "log_history"},
+        }
+        (Path(cfg.output_dir) / CONFIG_FILE_NAME).write_text(json.dumps(record, indent=2, default=str))
+    return result
