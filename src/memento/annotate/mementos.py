@@ -1,0 +1,318 @@
+"""Mementos: a dense summary per block, written so the block itself can be forgotten.
+
+`extractive` (offline default) keeps the sentences that carry state — equations, numbers,
+conclusions — and drops narration, within a budget of ~20% of the block's tokens. `openai` runs the
+paper's loop: compress → judge (0–10 rubric) → refine with the judge's feedback, at most
+`max_iterations` judge rounds, stopping at `score_threshold`, and keeps the *best-scoring* memento
+(not merely the last). A judge failure is recorded and ends the loop; it is never passed to the
+refiner as if it were feedback.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from memento.annotate.llm import InvalidAnswer, LLMCallFailed, LLMClient, parse_json_object
+from memento.annotate.sentences import TokenCounter, split_sentences
+
+# ----------------------------------------------------------------------------------------------
+# Extractive backend
+
+_FILLER = re.compile(
+    r"^(?:(?:okay|ok|alright|hmm+|well|so|now|wait|first|then|next|also|actually|let me see|let's see|"
+    r"i think|i guess|let me think|let me|let's)[,.!]?\s+)+",
+    re.IGNORECASE,
+)
+_CONCLUDE = re.compile(
+    r"\b(?:therefore|thus|hence|so|answer|result|equals?|gives?|get|got|found|means|conclude|must be|"
+    r"is correct|is wrong|contradiction|verified|checks out|doesn't work|does not work)\b",
+    re.IGNORECASE,
+)
+_EQUATION = re.compile(r"=|\\frac|\\sqrt|\\boxed|\^|\\le|\\ge|<|>")
+_NUMBER = re.compile(r"\d")
+
+
+@dataclass(frozen=True)
+class ExtractiveConfig:
+    """Budget of the offline summariser as a fraction of the block's tokens (paper: ~15-25%)."""
+
+    target_ratio: float = 0.2
+    max_ratio: float = 0.25
+    min_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_ratio <= self.max_ratio <= 1:
+            raise ValueError("need 0 < target_ratio <= max_ratio <= 1")
+
+
+def _informativeness(sentence: str, position: float) -> float:
+    score = 0.0
+    if _EQUATION.search(sentence):
+        score += 2.0
+    score += min(2.0, 0.5 * len(_NUMBER.findall(sentence)) ** 0.5)
+    if _CONCLUDE.search(sentence):
+        score += 1.5
+    if "boxed" in sentence or re.search(r"\banswer\b", sentence, re.IGNORECASE):
+        score += 2.0
+    score += 1.0 * position  # later sentences hold the block's outcome
+    return score
+
+
+def _compact(sentence: str) -> str:
+    s = re.sub(r"\s+", " ", sentence).strip()
+    return _FILLER.sub("", s).strip()
+
+
+def extractive_memento(block_text: str, counter: TokenCounter, config: ExtractiveConfig | None = None) -> str:
+    """Keep the most informative sentences (in order) within ~target_ratio of the block's tokens."""
+    cfg = config or ExtractiveConfig()
+    block_tokens = counter.count(block_text)
+    if block_tokens == 0:
+        return ""
+    budget = max(cfg.min_tokens, int(round(cfg.target_ratio * block_tokens)))
+    hard = max(budget, int(math.floor(cfg.max_ratio * block_tokens)))
+    sents = [s for s in (_compact(x) for x in split_sentences(block_text, counter)) if s]
+    # Split long units further at sentence ends inside them so the budget can be met.
+    pieces: list[str] = []
+    for s in sents:
+        pieces += [p.strip() for p in re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])", s) if p.strip()]
+    if not pieces:
+        return ""
+    n = len(pieces)
+    ranked = sorted(range(n), key=lambda i: -_informativeness(pieces[i], i / max(1, n - 1)))
+    chosen: list[int] = []
+    used = 0
+    for i in ranked:
+        t = counter.count(pieces[i]) + 1
+        if used + t <= budget or not chosen:
+            chosen.append(i)
+            used += t
+    text = " ".join(pieces[i] for i in sorted(chosen))
+    if counter.count(text) > hard:  # one huge sentence: cut it at a word boundary
+        words = text.split(" ")
+        lo, hi = 1, len(words)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if counter.count(" ".join(words[:mid])) <= hard:
+                lo = mid
+            else:
+                hi = mid - 1
+        text = " ".join(words[:lo]) + " ..."
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# LLM backend: prompts (ours, written from the rubric)
+
+COMPRESS_SYSTEM = """You turn one block of a long reasoning trace into a memento: a compact state record that
+replaces the block. Later reasoning will see only the problem and the mementos of earlier blocks, so
+the memento must let a reader continue the work without the block.
+
+Keep, as exact symbols and values: definitions of variables, functions and data structures; equations,
+inequalities and closed forms that were derived; intermediate and final numbers; the method or
+algorithm used, by name; case splits and constraints; checks that were run and their outcome;
+approaches that were tried and abandoned, marked as such; the final answer if the block reaches one.
+Record only what the block establishes: do not add steps, repair mistakes or solve further. Mark
+results the block itself doubts as tentative.
+
+Style: lead with the result, then how it was obtained. Terse clauses separated by semicolons,
+name = value pairs, formulas in plain ASCII (x_1, x^2, sqrt(...), >=, !=). No narration such as
+"I tried" or "the block", no Markdown. Aim for about one fifth of the block's length or less;
+completeness matters more than brevity.
+
+Reply with JSON only: {"memento": "<text>"}"""
+
+COMPRESS_USER = """Problem (context only, do not restate it):
+{problem}
+
+Block to compress:
+{block}"""
+
+REFINE_USER = """Problem (context only, do not restate it):
+{problem}
+
+Block to compress:
+{block}
+
+Your previous memento for this block:
+{memento}
+
+A reviewer found these problems with it:
+{feedback}
+
+Write an improved memento that fixes every point while staying compact. Reply with JSON only:
+{{"memento": "<text>"}}"""
+
+JUDGE_SYSTEM = """You grade a memento: a short record meant to replace one block of a reasoning trace.
+Compare it with the block and score it from 0 to 10 by adding:
+- formulas (0-3): the block's key equations and expressions are present, exact, with full notation;
+- values (0-2): the important intermediate and final numbers are present and correct;
+- methods (0-2): the technique or algorithm the block used is named explicitly;
+- validation (0-1): checks the block performed, and their outcome, are kept (full credit if none);
+- correctness (0-1): only what the block established; superseded or wrong steps are not presented as facts;
+- structure (0-1): the result comes first, followed by how it was obtained.
+Then subtract: 1 for any claim not supported by the block; 1 for narrating the process instead of
+recording information; 1 for writing formulas in words where symbols exist or using non-ASCII math
+symbols; 2 if a formula or value that later work needs is missing. Clamp the total to 0..10.
+
+Give 3 to 5 feedback items, most important first (missing formulas and values, then methods, then
+style), each specific enough to act on. Reply with JSON only:
+{"score": <number 0-10>, "missing": ["..."], "feedback": ["...", "..."]}"""
+
+JUDGE_USER = """Problem:
+{problem}
+
+Block:
+{block}
+
+Memento to grade:
+{memento}"""
+
+
+@dataclass(frozen=True)
+class MementoConfig:
+    """The judge loop of the paper: T judge rounds (default 2) with threshold 8/10."""
+
+    max_iterations: int = 2
+    score_threshold: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.max_iterations < 1:
+            raise ValueError("max_iterations must be >= 1 (each round judges one memento)")
+        if not 0 <= self.score_threshold <= 10:
+            raise ValueError("score_threshold must be within 0..10")
+
+
+@dataclass
+class JudgeVerdict:
+    score: float
+    feedback: list[str]
+    missing: list[str]
+
+
+def validate_memento(content: str) -> str:
+    try:
+        obj = parse_json_object(content)
+        text = obj.get("memento")
+    except InvalidAnswer:
+        # Some servers ignore the JSON request; a plain, non-empty answer is still a memento.
+        if content.lstrip().startswith("{"):
+            raise
+        text = content
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidAnswer("reply has no non-empty 'memento' string")
+    return text.strip()
+
+
+def validate_verdict(content: str) -> JudgeVerdict:
+    obj = parse_json_object(content)
+    score = obj.get("score")
+    if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+        raise InvalidAnswer(f"judge score {score!r} is not a number")
+    if not 0 <= score <= 10:
+        raise InvalidAnswer(f"judge score {score} outside 0..10")
+    fb = obj.get("feedback", [])
+    if isinstance(fb, str):
+        fb = [fb]
+    if not isinstance(fb, list) or not all(isinstance(x, str) for x in fb):
+        raise InvalidAnswer("judge 'feedback' must be a list of strings")
+    missing = obj.get("missing", [])
+    if not isinstance(missing, list):
+        missing = [str(missing)]
+    return JudgeVerdict(float(score), [x for x in fb if x.strip()], [str(x) for x in missing])
+
+
+@dataclass
+class MementoResult:
+    """The memento kept for one block and how it was obtained."""
+
+    memento: str | None
+    score: float | None  # judge score of the kept memento (None: never judged)
+    iterations: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    source: str = "extractive"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "memento": self.memento,
+            "score": self.score,
+            "iterations": self.iterations,
+            "failures": self.failures,
+            "source": self.source,
+        }
+
+
+async def llm_memento(client: LLMClient, problem: str, block: str, config: MementoConfig) -> MementoResult:
+    """Compress → judge → refine loop for one block; keeps the best-scoring memento."""
+    prob = problem.strip() or "(not given)"
+    result = MementoResult(memento=None, score=None, source="openai")
+    try:
+        memento = await client.call(
+            "compress",
+            [
+                {"role": "system", "content": COMPRESS_SYSTEM},
+                {"role": "user", "content": COMPRESS_USER.format(problem=prob, block=block)},
+            ],
+            validate_memento,
+            json_answer=True,
+        )
+    except LLMCallFailed as e:
+        result.failures.append(str(e))
+        return result
+    result.memento = memento  # unjudged until the judge answers
+    best: tuple[float, str] | None = None
+    for it in range(config.max_iterations):
+        try:
+            verdict = await client.call(
+                "judge",
+                [
+                    {"role": "system", "content": JUDGE_SYSTEM},
+                    {"role": "user", "content": JUDGE_USER.format(problem=prob, block=block, memento=memento)},
+                ],
+                validate_verdict,
+                json_answer=True,
+            )
+        except LLMCallFailed as e:
+            result.failures.append(str(e))
+            result.iterations.append({"iteration": it, "memento": memento, "score": None, "judge_failed": True})
+            break  # no verdict → nothing to refine with
+        result.iterations.append(
+            {"iteration": it, "memento": memento, "score": verdict.score, "feedback": verdict.feedback, "missing": verdict.missing}
+        )
+        if best is None or verdict.score > best[0]:
+            best = (verdict.score, memento)
+        if verdict.score >= config.score_threshold or it == config.max_iterations - 1:
+            break
+        feedback = "\n".join(f"{i + 1}. {x}" for i, x in enumerate(verdict.missing + verdict.feedback)) or "(none)"
+        try:
+            memento = await client.call(
+                "refine",
+                [
+                    {"role": "system", "content": COMPRESS_SYSTEM},
+                    {
+                        "role": "user",
+                        "content": REFINE_USER.format(problem=prob, block=block, memento=memento, feedback=feedback),
+                    },
+                ],
+                validate_memento,
+                json_answer=True,
+            )
+        except LLMCallFailed as e:
+            result.failures.append(str(e))
+            break
+    if best is not None:
+        result.score, result.memento = best
+    return result
+
+
+def compression_ratio(memento_tokens: int, block_tokens: int) -> float | None:
+    return memento_tokens / block_tokens if block_tokens else None
+
+
+def block_text(sentences: Sequence[str], start: int, end: int) -> str:
+    """A block's reasoning: the exact concatenation of its sentences, outer whitespace stripped."""
+    return "".join(sentences[start : end + 1]).strip()

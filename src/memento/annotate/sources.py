@@ -1,0 +1,232 @@
+"""Reading raw chain-of-thought traces: JSONL, JSON, parquet or a `datasets.save_to_disk` folder.
+
+Each row yields a :class:`RawTrace` (id, problem, thinking text, answer) or a rejection reason. The
+seed filters of the original (a complete closing think tag, no CJK ideographs) plus an optional
+length window decide what goes on; every rejection is counted by reason for the stats report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+THINK_TAGS: tuple[tuple[str, str], ...] = (
+    ("<think>", "</think>"),
+    ("<|begin_of_thought|>", "<|end_of_thought|>"),
+)
+_SOLUTION = re.compile(r"^\s*<\|begin_of_solution\|>(.*?)(?:<\|end_of_solution\|>\s*)?$", re.DOTALL)
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+
+# Rejection reasons (stable strings: they are keys of stats.json).
+NO_COT = "missing_cot"
+NO_CLOSING_TAG = "incomplete_thinking"
+CJK = "cjk_characters"
+TOO_SHORT = "too_short"
+TOO_LONG = "too_long"
+EMPTY_THINKING = "empty_thinking"
+
+
+class SourceError(ValueError):
+    """The input cannot be read as traces; the message names the input and the fix."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where the fields are and which traces to keep. Field names None = try the usual ones."""
+
+    problem_field: str | None = None
+    cot_field: str | None = None
+    id_field: str | None = None
+    require_closing_tag: bool = True
+    reject_cjk: bool = True
+    min_chars: int = 0
+    max_chars: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_chars < 0 or (self.max_chars is not None and self.max_chars < self.min_chars):
+            raise ValueError("need 0 <= min_chars <= max_chars")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SourceConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown source config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RawTrace:
+    id: str
+    problem: str
+    thinking: str  # text between the think tags: what gets split into blocks
+    answer: str  # text after the closing tag (Sky-T1 solution wrappers removed)
+    index: int  # row number in the input
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SourceReport:
+    total: int = 0
+    accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "accepted": self.accepted, "rejected": dict(sorted(self.rejected.items()))}
+
+
+def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Rows of a JSONL / JSON / parquet file or a save_to_disk directory, as dicts."""
+    p = Path(path)
+    if not p.exists():
+        raise SourceError(f"input {p} does not exist; pass a .jsonl, .json or .parquet file or a dataset folder")
+    if p.is_dir():
+        try:
+            from datasets import load_from_disk
+
+            ds = load_from_disk(str(p))
+        except Exception as e:  # noqa: BLE001
+            raise SourceError(f"input folder {p} is not a datasets.save_to_disk folder ({e}); pass a file instead") from e
+        if hasattr(ds, "keys") and not hasattr(ds, "column_names"):
+            raise SourceError(f"{p} holds several splits ({list(ds.keys())}); point at one split's folder")
+        yield from ds
+        return
+    suffix = "".join(p.suffixes[-2:]) if p.suffix == ".gz" else p.suffix
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(p)
+        except Exception as e:  # noqa: BLE001
+            raise SourceError(f"cannot read parquet file {p}: {e}") from e
+        yield from table.to_pylist()
+        return
+    if suffix == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{p} is not valid JSON ({e}); for one object per line name it .jsonl") from e
+        if isinstance(data, dict):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise SourceError(f"{p}: expected a JSON list of objects (or an object holding exactly one list)")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise SourceError(f"{p}: expected a JSON list of objects")
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise SourceError(f"{p}: item {i} is not an object")
+            yield row
+        return
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{p}:{lineno}: not valid JSON ({e}); fix or remove that line") from e
+            if not isinstance(row, dict):
+                raise SourceError(f"{p}:{lineno}: expected a JSON object per line")
+            yield row
+
+
+def _turn(row: dict[str, Any], who: set[str]) -> str | None:
+    conv = row.get("conversations") or row.get("messages")
+    if not isinstance(conv, list):
+        return None
+    found = None
+    for turn in conv:
+        if isinstance(turn, dict):
+            role = turn.get("from", turn.get("role"))
+            if role in who:
+                found = turn.get("value", turn.get("content"))
+    return found if isinstance(found, str) else None
+
+
+def _field(row: dict[str, Any], name: str, what: str, where: str) -> str:
+    if name not in row:
+        raise SourceError(f"{where}: no field {name!r} (fields: {sorted(row)}); pass --{what}-field with the right name")
+    value = row[name]
+    if not isinstance(value, str):
+        raise SourceError(f"{where}: field {name!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def split_thinking(cot: str) -> tuple[str, str, bool]:
+    """(thinking, answer, closed). Without a recognised opening tag the whole text is thinking."""
+    for open_tag, close_tag in THINK_TAGS:
+        start = cot.find(open_tag)
+        if start < 0:
+            continue
+        body_start = start + len(open_tag)
+        end = cot.find(close_tag, body_start)
+        if end < 0:
+            return cot[body_start:], "", False
+        answer = cot[end + len(close_tag) :].strip()
+        m = _SOLUTION.match(answer)
+        if m:
+            answer = m.group(1).strip()
+        return cot[body_start:end], answer, True
+    for _, close_tag in THINK_TAGS:  # a closing tag with no opening one (template put it in the prompt)
+        end = cot.find(close_tag)
+        if end >= 0:
+            return cot[:end], cot[end + len(close_tag) :].strip(), True
+    return cot, "", False
+
+
+def iter_traces(path: str | Path, config: SourceConfig, report: SourceReport) -> Iterator[RawTrace]:
+    """Accepted traces in input order; rejections are counted in `report`."""
+    seen: dict[str, int] = {}
+    for index, row in enumerate(read_rows(path)):
+        where = f"{path} row {index}"
+        report.total += 1
+        if config.id_field:
+            tid = str(_field_any(row, config.id_field, "id", where))
+        else:
+            tid = str(row.get("id", row.get("task_id", f"trace-{index:06d}")))
+        if tid in seen:
+            raise SourceError(f"{where}: duplicate id {tid!r} (also row {seen[tid]}); ids must be unique, pass --id-field")
+        seen[tid] = index
+        if config.problem_field:
+            problem = _field(row, config.problem_field, "problem", where)
+        else:
+            problem = row.get("problem") if isinstance(row.get("problem"), str) else None
+            problem = problem or (row.get("prompt") if isinstance(row.get("prompt"), str) else None)
+            problem = problem or _turn(row, {"human", "user"}) or ""
+        if config.cot_field:
+            cot = _field(row, config.cot_field, "cot", where)
+        else:
+            cot = next((row[k] for k in ("cot", "full_cot", "response") if isinstance(row.get(k), str)), None)
+            cot = cot or _turn(row, {"gpt", "assistant"})
+        if not cot:
+            report.rejected[NO_COT] += 1
+            continue
+        thinking, answer, closed = split_thinking(cot)
+        reason = None
+        if config.require_closing_tag and not closed:
+            reason = NO_CLOSING_TAG
+        elif config.reject_cjk and _CJK.search(cot):
+            reason = CJK
+        elif not thinking.strip():
+            reason = EMPTY_THINKING
+        elif len(thinking) < config.min_chars:
+            reason = TOO_SHORT
+        elif config.max_chars is not None and len(thinking) > config.max_chars:
+            reason = TOO_LONG
+        if reason:
+            report.rejected[reason] += 1
+            continue
+        report.accepted += 1
+        keep = {k: v for k, v in row.items() if k in ("source", "domain", "difficulty", "gold", "answer_gold")}
+        yield RawTrace(tid, problem, thinking, answer, index, keep)
+
+
+def _field_any(row: dict[str, Any], name: str, what: str, where: str) -> Any:
+    if name not in row:
+        raise SourceError(f"{where}: no field {name!r} (fields: {sorted(row)}); pass --{what}-field with the right name")
+    return row[name]
