@@ -21,30 +21,56 @@ def _parse_shard(spec: str) -> tuple[int, int]:
 def register(app: typer.Typer) -> None:
     @app.command("annotate")
     def annotate(
-        input_path: Path = typer.Argument(..., help="Traces: .jsonl, .json, .parquet or a save_to_disk folder."),
-        output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where records/traces/stats go (resumable)."),
-        backend: str = typer.Option("heuristic", help="heuristic (offline) or openai (any OpenAI-compatible API)."),
+        input_path: Path = typer.Argument(
+            ..., help="Traces: .jsonl, .json, .parquet or a save_to_disk folder."
+        ),
+        output_dir: Path = typer.Option(
+            ..., "--output-dir", "-o", help="Where records/traces/stats go (resumable)."
+        ),
+        backend: str = typer.Option(
+            "heuristic", help="heuristic (offline) or openai (any OpenAI-compatible API)."
+        ),
         model: str = typer.Option("gpt-4o", help="Model name for scoring, compressing and judging."),
-        base_url: str | None = typer.Option(None, help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL)."),
-        api_key: str | None = typer.Option(None, help="API key (default: $OPENAI_API_KEY; any string for local servers)."),
+        base_url: str | None = typer.Option(
+            None, help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL)."
+        ),
+        api_key: str | None = typer.Option(
+            None, help="API key (default: $OPENAI_API_KEY; any string for local servers)."
+        ),
         concurrency: int = typer.Option(16, help="Concurrent LLM requests."),
         timeout: float = typer.Option(120.0, help="Seconds per LLM request."),
         max_attempts: int = typer.Option(4, help="Attempts per LLM request (exponential backoff between)."),
         json_mode: bool = typer.Option(False, help="Ask the server for JSON output (response_format)."),
         min_block_tokens: int = typer.Option(200, help="Smallest block, in tokens of --tokenizer."),
-        variance_penalty: float = typer.Option(0.5, help="lambda: weight of the block-size CV in the objective."),
+        variance_penalty: float = typer.Option(
+            0.5, help="lambda: weight of the block-size CV in the objective."
+        ),
         max_iterations: int = typer.Option(2, help="Judge rounds per memento (T)."),
         score_threshold: float = typer.Option(8.0, help="Judge score (0-10) that ends refinement."),
-        two_pass: bool = typer.Option(True, "--two-pass/--single-pass", help="Average 16- and 11-boundary windows."),
+        two_pass: bool = typer.Option(
+            True, "--two-pass/--single-pass", help="Average 16- and 11-boundary windows."
+        ),
         limit: int | None = typer.Option(None, help="Only the first N accepted traces (of this shard)."),
         shard: str = typer.Option("0/1", help="i/n: this machine takes rows with index % n == i (0-based)."),
-        workers: int = typer.Option(1, help="Traces processed concurrently (processes for the offline backend)."),
-        tokenizer: str | None = typer.Option(None, help="HF tokenizer folder for token counts (default: built-in)."),
-        problem_field: str | None = typer.Option(None, help="Field with the problem (default: problem, prompt, conversations)."),
-        cot_field: str | None = typer.Option(None, help="Field with the reasoning (default: cot, full_cot, conversations)."),
-        id_field: str | None = typer.Option(None, help="Field with a unique id (default: id, task_id, row number)."),
+        workers: int = typer.Option(
+            1, help="Traces processed concurrently (processes for the offline backend)."
+        ),
+        tokenizer: str | None = typer.Option(
+            None, help="HF tokenizer folder for token counts (default: built-in)."
+        ),
+        problem_field: str | None = typer.Option(
+            None, help="Field with the problem (default: problem, prompt, conversations)."
+        ),
+        cot_field: str | None = typer.Option(
+            None, help="Field with the reasoning (default: cot, full_cot, conversations)."
+        ),
+        id_field: str | None = typer.Option(
+            None, help="Field with a unique id (default: id, task_id, row number)."
+        ),
         min_chars: int = typer.Option(0, help="Reject traces whose thinking is shorter (characters)."),
-        max_chars: int | None = typer.Option(None, help="Reject traces whose thinking is longer (characters)."),
+        max_chars: int | None = typer.Option(
+            None, help="Reject traces whose thinking is longer (characters)."
+        ),
         allow_incomplete: bool = typer.Option(False, help="Keep traces without a closing think tag."),
         max_consecutive_failures: int = typer.Option(20, help="Stop after this many failed traces in a row."),
         progress: bool = typer.Option(True, help="Show a progress bar."),

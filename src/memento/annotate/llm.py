@@ -24,7 +24,9 @@ class LLMCallFailed(RuntimeError):
     """All attempts of one logical call failed; `attempts` holds one error string per attempt."""
 
     def __init__(self, what: str, attempts: list[str]) -> None:
-        super().__init__(f"{what} failed after {len(attempts)} attempt(s): {attempts[-1] if attempts else '?'}")
+        super().__init__(
+            f"{what} failed after {len(attempts)} attempt(s): {attempts[-1] if attempts else '?'}"
+        )
         self.what = what
         self.attempts = attempts
 
@@ -137,7 +139,9 @@ class LLMClient:
                 "check --base-url (e.g. http://127.0.0.1:8000/v1) and that the server is running"
             ) from e
         except openai.AuthenticationError as e:
-            raise EndpointUnreachable(f"the endpoint at {self.endpoint} rejected the API key: {e}; check --api-key") from e
+            raise EndpointUnreachable(
+                f"the endpoint at {self.endpoint} rejected the API key: {e}; check --api-key"
+            ) from e
         except openai.APIStatusError:
             pass  # reachable; many servers do not implement /models
 

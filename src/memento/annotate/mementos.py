@@ -271,23 +271,36 @@ async def llm_memento(client: LLMClient, problem: str, block: str, config: Memen
                 "judge",
                 [
                     {"role": "system", "content": JUDGE_SYSTEM},
-                    {"role": "user", "content": JUDGE_USER.format(problem=prob, block=block, memento=memento)},
+                    {
+                        "role": "user",
+                        "content": JUDGE_USER.format(problem=prob, block=block, memento=memento),
+                    },
                 ],
                 validate_verdict,
                 json_answer=True,
             )
         except LLMCallFailed as e:
             result.failures.append(str(e))
-            result.iterations.append({"iteration": it, "memento": memento, "score": None, "judge_failed": True})
+            result.iterations.append(
+                {"iteration": it, "memento": memento, "score": None, "judge_failed": True}
+            )
             break  # no verdict → nothing to refine with
         result.iterations.append(
-            {"iteration": it, "memento": memento, "score": verdict.score, "feedback": verdict.feedback, "missing": verdict.missing}
+            {
+                "iteration": it,
+                "memento": memento,
+                "score": verdict.score,
+                "feedback": verdict.feedback,
+                "missing": verdict.missing,
+            }
         )
         if best is None or verdict.score > best[0]:
             best = (verdict.score, memento)
         if verdict.score >= config.score_threshold or it == config.max_iterations - 1:
             break
-        feedback = "\n".join(f"{i + 1}. {x}" for i, x in enumerate(verdict.missing + verdict.feedback)) or "(none)"
+        feedback = (
+            "\n".join(f"{i + 1}. {x}" for i, x in enumerate(verdict.missing + verdict.feedback)) or "(none)"
+        )
         try:
             memento = await client.call(
                 "refine",
@@ -295,7 +308,9 @@ async def llm_memento(client: LLMClient, problem: str, block: str, config: Memen
                     {"role": "system", "content": COMPRESS_SYSTEM},
                     {
                         "role": "user",
-                        "content": REFINE_USER.format(problem=prob, block=block, memento=memento, feedback=feedback),
+                        "content": REFINE_USER.format(
+                            problem=prob, block=block, memento=memento, feedback=feedback
+                        ),
                     },
                 ],
                 validate_memento,

@@ -78,7 +78,9 @@ class AnnotateConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not 0 <= self.shard_index < self.shard_count:
-            raise ValueError(f"shard {self.shard_index}/{self.shard_count}: need 0 <= i < n (e.g. --shard 0/4)")
+            raise ValueError(
+                f"shard {self.shard_index}/{self.shard_count}: need 0 <= i < n (e.g. --shard 0/4)"
+            )
         if self.workers < 1 or self.min_block_tokens < 0 or self.variance_penalty < 0:
             raise ValueError("workers must be >= 1, min_block_tokens and variance_penalty >= 0")
         if self.limit is not None and self.limit < 0:
@@ -143,7 +145,9 @@ async def annotate_trace(
         used, filled = fill_missing(res.scores, heur)
         scoring.update(
             passes=res.passes,
-            window_sizes=[cfg.scoring.window, cfg.scoring.second_window] if cfg.scoring.two_pass else [cfg.scoring.window],
+            window_sizes=[cfg.scoring.window, cfg.scoring.second_window]
+            if cfg.scoring.two_pass
+            else [cfg.scoring.window],
             failures=[asdict(f) for f in res.failures],
             filled_from_heuristic=filled,
         )
@@ -175,7 +179,9 @@ async def annotate_trace(
 
     block_tokens = [counter.count(t) for t in texts]
     memento_tokens = [counter.count(r.memento or "") for r in results]
-    trace = MementoTrace(raw.problem, tuple(Block(t, r.memento or "") for t, r in zip(texts, results, strict=True)), raw.answer)
+    trace = MementoTrace(
+        raw.problem, tuple(Block(t, r.memento or "") for t, r in zip(texts, results, strict=True)), raw.answer
+    )
     backend = {"name": cfg.backend, "tokenizer": counter.name}
     if client is not None:
         backend.update(client.metadata())
@@ -195,7 +201,9 @@ async def annotate_trace(
         "blocks": [list(b) for b in blocks],
         "block_tokens": block_tokens,
         "segmentation": {
-            "objective": objective(token_counts, used, blocks, variance_penalty=cfg.variance_penalty) if blocks else None,
+            "objective": objective(token_counts, used, blocks, variance_penalty=cfg.variance_penalty)
+            if blocks
+            else None,
             "min_block_tokens": cfg.min_block_tokens,
             "variance_penalty": cfg.variance_penalty,
             "warning": seg_warning,
@@ -345,7 +353,9 @@ def run(
 
     processed, failed = asyncio.run(_run_async(todo, cfg, counter, out, on_record))
     records = load_records(out)
-    stats = write_stats(out, records, report, run_info={"processed": processed, "failed": failed, "config": cfg.public_dict()})
+    stats = write_stats(
+        out, records, report, run_info={"processed": processed, "failed": failed, "config": cfg.public_dict()}
+    )
     return RunSummary(out, processed, len(todo_all) - len(todo), failed, report, stats)
 
 
@@ -426,7 +436,13 @@ class _progress:
     def __init__(self, enabled: bool, total: int) -> None:
         self._p = None
         if enabled and total:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._p = Progress(
                 "[progress.description]{task.description}",

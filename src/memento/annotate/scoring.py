@@ -162,7 +162,9 @@ def build_window_prompt(problem: str, sentences: Sequence[str], a: int, b: int) 
         if i < b:
             parts.append(f"[[B{i}]]")
     labels = ", ".join(f"B{i}" for i in range(a, b))
-    user = SCORING_USER.format(problem=problem.strip() or "(not given)", text="\n".join(parts), count=b - a, labels=labels)
+    user = SCORING_USER.format(
+        problem=problem.strip() or "(not given)", text="\n".join(parts), count=b - a, labels=labels
+    )
     return [{"role": "system", "content": SCORING_SYSTEM}, {"role": "user", "content": user}]
 
 

@@ -53,7 +53,14 @@ def objective(
     """J for given blocks (inclusive sentence ranges)."""
     sizes = [sum(token_counts[a : b + 1]) for a, b in blocks]
     crossed = sum(boundary_scores[a - 1] for a, _ in blocks[1:])
-    return _j(len(blocks), crossed, float(sum(sizes)), float(sum(x * x for x in sizes)), variance_penalty, score_mean)
+    return _j(
+        len(blocks),
+        crossed,
+        float(sum(sizes)),
+        float(sum(x * x for x in sizes)),
+        variance_penalty,
+        score_mean,
+    )
 
 
 def _j(k: int, s: float, t: float, q: float, lam: float, score_mean: str) -> float:
@@ -86,7 +93,9 @@ def segment(
     """
     n = len(token_counts)
     if len(boundary_scores) != max(0, n - 1):
-        raise ValueError(f"need {max(0, n - 1)} boundary scores for {n} sentences, got {len(boundary_scores)}")
+        raise ValueError(
+            f"need {max(0, n - 1)} boundary scores for {n} sentences, got {len(boundary_scores)}"
+        )
     if score_mean not in ("per_block", "per_boundary"):
         raise ValueError(f"score_mean must be 'per_block' or 'per_boundary', got {score_mean!r}")
     if method not in ("auto", "exact", "fast"):
@@ -208,7 +217,9 @@ def _hull(points: list[tuple[float, float, int, int]]) -> list[tuple[float, floa
 def _exact(pb: _Problem) -> list[int]:
     n, p, cross, k_hi = pb.n, pb.prefix, pb.cross, pb.k_hi
     # table[k][i] = hull vertices (Q, S, j, idx) for sentences 0..i-1 in k blocks
-    table: list[list[list[tuple[float, float, int, int]] | None]] = [[None] * (n + 1) for _ in range(k_hi + 1)]
+    table: list[list[list[tuple[float, float, int, int]] | None]] = [
+        [None] * (n + 1) for _ in range(k_hi + 1)
+    ]
     table[0][0] = [(0.0, 0.0, -1, -1)]
     for k in range(1, k_hi + 1):
         prev_row, row = table[k - 1], table[k]

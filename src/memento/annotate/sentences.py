@@ -66,7 +66,9 @@ class HFTokenCounter:
 
         p = Path(path)
         if not p.exists():
-            raise FileNotFoundError(f"tokenizer directory {p} does not exist; pass --tokenizer DIR of a saved HF tokenizer")
+            raise FileNotFoundError(
+                f"tokenizer directory {p} does not exist; pass --tokenizer DIR of a saved HF tokenizer"
+            )
         return cls(AutoTokenizer.from_pretrained(str(p)), name=f"hf:{p.name}")
 
 
@@ -125,7 +127,9 @@ def find_atomic_spans(text: str) -> list[Span]:
             marker = m.group().strip()
             line_end = text.find("\n", m.end())
             if line_end >= 0:
-                close = re.compile(rf"^[ \t]*{re.escape(marker)}[^\n]*$", re.MULTILINE).search(text, line_end + 1)
+                close = re.compile(rf"^[ \t]*{re.escape(marker)}[^\n]*$", re.MULTILINE).search(
+                    text, line_end + 1
+                )
                 if close:
                     end = close.end()
                     spans.append(Span(start, end, "code"))
@@ -321,7 +325,9 @@ _CONTINUATION = re.compile(
     r"(?:therefore|thus|hence|so|then|substituting|plugging|simplifying|which|where|giving|yielding)\b",
     re.IGNORECASE,
 )
-_OPERATOR_START = re.compile(r"(?:=|\+|-(?!-)|\*|/|\\(?:Rightarrow|implies|to|cdot|times|le|ge|leq|geq)\b|⇒|→|≤|≥|<|>)")
+_OPERATOR_START = re.compile(
+    r"(?:=|\+|-(?!-)|\*|/|\\(?:Rightarrow|implies|to|cdot|times|le|ge|leq|geq)\b|⇒|→|≤|≥|<|>)"
+)
 _INCOMPLETE_END = re.compile(r"(?:=|\+|-|\*|/|\\cdot|\\times|⇒|→|,|\(|\\Rightarrow|\\implies)$")
 _MATH_CHARS = re.compile(r"[=^_\\<>≤≥⇒→±×÷√∑∫]")
 
@@ -339,14 +345,27 @@ def _make_piece(text: str, masked: str, counter: TokenCounter) -> _Piece:
     plain = masked.replace(_MASK, "")
     has_span = _MASK in masked
     math = has_span or bool(_MATH_CHARS.search(plain))
-    math_only = has_span and not re.search(r"[A-Za-z]{2,}", plain) or (
-        not has_span and len(plain.split()) <= 12 and bool(re.search(r"=", plain)) and not re.search(r"[A-Za-z]{4,}", plain)
+    math_only = (
+        has_span
+        and not re.search(r"[A-Za-z]{2,}", plain)
+        or (
+            not has_span
+            and len(plain.split()) <= 12
+            and bool(re.search(r"=", plain))
+            and not re.search(r"[A-Za-z]{4,}", plain)
+        )
     )
     return _Piece(text, masked, counter.count(text), math, math_only)
 
 
 def _join(a: _Piece, b: _Piece) -> _Piece:
-    return _Piece(a.text + b.text, a.masked + b.masked, a.tokens + b.tokens, a.math or b.math, a.math_only and b.math_only)
+    return _Piece(
+        a.text + b.text,
+        a.masked + b.masked,
+        a.tokens + b.tokens,
+        a.math or b.math,
+        a.math_only and b.math_only,
+    )
 
 
 def _words(s: str) -> int:
@@ -404,7 +423,9 @@ def split_sentences(
     spans = find_atomic_spans(text)
     masked = mask_spans(text, spans)
     cuts = [0, *_cut_points(text, masked, spans), len(text)]
-    pieces = [_make_piece(text[a:b], masked[a:b], counter) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    pieces = [
+        _make_piece(text[a:b], masked[a:b], counter) for a, b in zip(cuts, cuts[1:], strict=False) if b > a
+    ]
     pieces = _merge_pass(pieces, lambda a, b: _should_merge(a, b, cfg))
     # Short fragments join their predecessor (the first one joins its successor).
     merged: list[_Piece] = []

@@ -76,21 +76,29 @@ class SourceReport:
     rejected: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "accepted": self.accepted, "rejected": dict(sorted(self.rejected.items()))}
+        return {
+            "total": self.total,
+            "accepted": self.accepted,
+            "rejected": dict(sorted(self.rejected.items())),
+        }
 
 
 def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
     """Rows of a JSONL / JSON / parquet file or a save_to_disk directory, as dicts."""
     p = Path(path)
     if not p.exists():
-        raise SourceError(f"input {p} does not exist; pass a .jsonl, .json or .parquet file or a dataset folder")
+        raise SourceError(
+            f"input {p} does not exist; pass a .jsonl, .json or .parquet file or a dataset folder"
+        )
     if p.is_dir():
         try:
             from datasets import load_from_disk
 
             ds = load_from_disk(str(p))
         except Exception as e:  # noqa: BLE001
-            raise SourceError(f"input folder {p} is not a datasets.save_to_disk folder ({e}); pass a file instead") from e
+            raise SourceError(
+                f"input folder {p} is not a datasets.save_to_disk folder ({e}); pass a file instead"
+            ) from e
         if hasattr(ds, "keys") and not hasattr(ds, "column_names"):
             raise SourceError(f"{p} holds several splits ({list(ds.keys())}); point at one split's folder")
         yield from ds
@@ -113,7 +121,9 @@ def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
         if isinstance(data, dict):
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:
-                raise SourceError(f"{p}: expected a JSON list of objects (or an object holding exactly one list)")
+                raise SourceError(
+                    f"{p}: expected a JSON list of objects (or an object holding exactly one list)"
+                )
             data = lists[0]
         if not isinstance(data, list):
             raise SourceError(f"{p}: expected a JSON list of objects")
@@ -150,7 +160,9 @@ def _turn(row: dict[str, Any], who: set[str]) -> str | None:
 
 def _field(row: dict[str, Any], name: str, what: str, where: str) -> str:
     if name not in row:
-        raise SourceError(f"{where}: no field {name!r} (fields: {sorted(row)}); pass --{what}-field with the right name")
+        raise SourceError(
+            f"{where}: no field {name!r} (fields: {sorted(row)}); pass --{what}-field with the right name"
+        )
     value = row[name]
     if not isinstance(value, str):
         raise SourceError(f"{where}: field {name!r} is {type(value).__name__}, expected a string")
@@ -190,7 +202,9 @@ def iter_traces(path: str | Path, config: SourceConfig, report: SourceReport) ->
         else:
             tid = str(row.get("id", row.get("task_id", f"trace-{index:06d}")))
         if tid in seen:
-            raise SourceError(f"{where}: duplicate id {tid!r} (also row {seen[tid]}); ids must be unique, pass --id-field")
+            raise SourceError(
+                f"{where}: duplicate id {tid!r} (also row {seen[tid]}); ids must be unique, pass --id-field"
+            )
         seen[tid] = index
         if config.problem_field:
             problem = _field(row, config.problem_field, "problem", where)
@@ -222,11 +236,15 @@ def iter_traces(path: str | Path, config: SourceConfig, report: SourceReport) ->
             report.rejected[reason] += 1
             continue
         report.accepted += 1
-        keep = {k: v for k, v in row.items() if k in ("source", "domain", "difficulty", "gold", "answer_gold")}
+        keep = {
+            k: v for k, v in row.items() if k in ("source", "domain", "difficulty", "gold", "answer_gold")
+        }
         yield RawTrace(tid, problem, thinking, answer, index, keep)
 
 
 def _field_any(row: dict[str, Any], name: str, what: str, where: str) -> Any:
     if name not in row:
-        raise SourceError(f"{where}: no field {name!r} (fields: {sorted(row)}); pass --{what}-field with the right name")
+        raise SourceError(
+            f"{where}: no field {name!r} (fields: {sorted(row)}); pass --{what}-field with the right name"
+        )
     return row[name]

@@ -78,10 +78,19 @@ def _md(stats: dict[str, Any]) -> str:
         "| quantity | mean | median | p10 | p90 | min | max |",
         "|---|---|---|---|---|---|---|",
     ]
-    for key in ("sentences_per_trace", "blocks_per_trace", "block_tokens", "memento_tokens", "compression_ratio", "judge_scores"):
+    for key in (
+        "sentences_per_trace",
+        "blocks_per_trace",
+        "block_tokens",
+        "memento_tokens",
+        "compression_ratio",
+        "judge_scores",
+    ):
         s = stats[key]
         if s["count"]:
-            lines.append(f"| {key} | {s['mean']} | {s['median']} | {s['p10']} | {s['p90']} | {s['min']} | {s['max']} |")
+            lines.append(
+                f"| {key} | {s['mean']} | {s['median']} | {s['p10']} | {s['p90']} | {s['min']} | {s['max']} |"
+            )
     lines += [
         "",
         f"Overall compression (memento tokens / block tokens): {stats['overall_compression']}.",
@@ -124,7 +133,10 @@ def plot_compression(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_stats(
-    output_dir: Path, records: list[dict[str, Any]], report: SourceReport | None, run_info: dict[str, Any] | None = None
+    output_dir: Path,
+    records: list[dict[str, Any]],
+    report: SourceReport | None,
+    run_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     stats = compute_stats(records, report)
     if run_info:
