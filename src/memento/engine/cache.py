@@ -1,0 +1,200 @@
+"""KV storage that can forget: a padded batched cache whose rows are compacted in place.
+
+Each layer holds keys/values as `[rows, kv_heads, capacity, head_dim]`; row `r` belongs to one
+running request and its first `lengths[r]` slots are valid, in increasing logical order. Evicting a
+logical span removes a contiguous run of slots from one row (the tail moves left), so rows evict at
+different times without touching the rest of the batch. Running requests occupy rows `0..n-1`, so a
+batched decode reads plain slices (no gather copy of the whole cache per step).
+
+The cache is handed to an HF model as `past_key_values`: the model only calls `update()`, which
+writes the new keys at each row's own offset and returns the view the attention needs; the engine
+supplies the matching boolean mask. `remove_span` below is the compaction primitive for a stock
+`transformers.DynamicCache` as well.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+def remove_span(cache, start: int, end: int) -> None:
+    """Drop physical slots `[start, end)` from every layer of a transformers `DynamicCache`
+    (batch 1 or all rows alike): keys/values are `[B, H, L, D]`, the sequence axis is dim 2."""
+    if end <= start:
+        return
+    for layer in cache.layers:
+        length = layer.keys.shape[2]
+        keep = torch.cat([torch.arange(0, start), torch.arange(min(end, length), length)]).to(
+            layer.keys.device
+        )
+        layer.keys = layer.keys.index_select(2, keep)
+        layer.values = layer.values.index_select(2, keep)
+
+
+class BatchedKVCache(Cache):
+    """Padded per-row KV cache with in-place row compaction (see the module docstring)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        rows: int = 1,
+        capacity: int = 256,
+    ) -> None:
+        super().__init__(layers=[])
+        self.num_layers = num_layers
+        self.shape = (num_kv_heads, head_dim)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.keys = [self._zeros(rows, capacity) for _ in range(num_layers)]
+        self.values = [self._zeros(rows, capacity) for _ in range(num_layers)]
+        self.lengths: list[int] = [0] * rows
+        self.num_rows = 0  # rows 0..num_rows-1 are in use
+        self._plan: tuple | None = None
+
+    # --- storage management ---------------------------------------------------------------
+
+    def _zeros(self, rows: int, capacity: int) -> torch.Tensor:
+        # Zeros, not empty: padded slots are masked out, but must stay finite (0 * NaN = NaN).
+        return torch.zeros(
+            rows, *self.shape[:1], capacity, self.shape[1], dtype=self.dtype, device=self.device
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def row_capacity(self) -> int:
+        return self.keys[0].shape[0]
+
+    def total_tokens(self) -> int:
+        """Valid cached tokens over all rows in use (what the KV budget counts)."""
+        return sum(self.lengths[: self.num_rows])
+
+    def reserve(self, rows: int | None = None, length: int | None = None) -> None:
+        """Grow storage (doubling) so `rows` rows of `length` slots fit; existing data is kept."""
+        rows = max(rows or 0, self.row_capacity)
+        cap = self.capacity
+        need = length or 0
+        while cap < need:
+            cap *= 2
+        if rows == self.row_capacity and cap == self.capacity:
+            return
+        if rows > self.row_capacity:
+            rows = max(rows, 2 * self.row_capacity)
+        self.lengths += [0] * (rows - len(self.lengths))
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = self._zeros(rows, cap)
+                new[: old.shape[0], :, : old.shape[2]] = old
+                store[i] = new
+
+    def add_row(self) -> int:
+        """Claim the next free row (empty) and return its index."""
+        self.reserve(rows=self.num_rows + 1)
+        row = self.num_rows
+        self.num_rows += 1
+        self.lengths[row] = 0
+        return row
+
+    def release_row(self, row: int) -> int | None:
+        """Free `row`; the last used row moves into its place to keep rows contiguous.
+
+        Returns the index of the row that moved into `row` (its old index), or None."""
+        last = self.num_rows - 1
+        moved = None
+        if row != last:
+            n = self.lengths[last]
+            for store in (self.keys, self.values):
+                for t in store:
+                    t[row, :, :n] = t[last, :, :n]
+            self.lengths[row] = n
+            moved = last
+        self.lengths[last] = 0
+        self.num_rows -= 1
+        return moved
+
+    def remove_slots(self, row: int, start: int, end: int) -> None:
+        """Compaction primitive: drop slots `[start, end)` of one row; later slots move left."""
+        n = self.lengths[row]
+        end = min(end, n)
+        if end <= start:
+            return
+        tail = n - end
+        if tail:
+            for store in (self.keys, self.values):
+                for t in store:
+                    # clone: source and destination overlap when the tail is longer than the gap
+                    t[row, :, start : start + tail] = t[row, :, end:n].clone()
+        self.lengths[row] = n - (end - start)
+
+    def truncate(self, row: int, length: int) -> None:
+        """Keep only the first `length` slots of `row` (restart mode rewinds)."""
+        self.lengths[row] = min(self.lengths[row], length)
+
+    # --- forward plans (set by the runner right before a model call) ----------------------
+
+    def plan_decode(self, rows: int) -> int:
+        """Next forward writes one token per row `0..rows-1` at each row's end; returns the key
+        length the attention will see (max row length + 1)."""
+        key_len = max(self.lengths[:rows]) + 1
+        self.reserve(length=key_len)
+        device = self.device
+        index = torch.tensor(self.lengths[:rows], device=device)
+        self._plan = ("decode", rows, torch.arange(rows, device=device), index, key_len)
+        return key_len
+
+    def plan_extend(self, row: int, count: int) -> int:
+        """Next forward writes `count` tokens at the end of one row; returns the key length."""
+        offset = self.lengths[row]
+        self.reserve(length=offset + count)
+        self._plan = ("extend", row, offset, count)
+        return offset + count
+
+    def commit(self) -> None:
+        """Account for the tokens the last forward wrote."""
+        plan, self._plan = self._plan, None
+        if plan is None:
+            return
+        if plan[0] == "decode":
+            for r in range(plan[1]):
+                self.lengths[r] += 1
+        else:
+            self.lengths[plan[1]] += plan[3]
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        """Called by every attention layer: store the new keys/values, return what to attend to."""
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("BatchedKVCache.update called without a forward plan")
+        if plan[0] == "decode":
+            _, rows, row_index, slot_index, key_len = plan
+            k[row_index, :, slot_index] = key_states[:, :, 0]
+            v[row_index, :, slot_index] = value_states[:, :, 0]
+            return k[:rows, :, :key_len], v[:rows, :, :key_len]
+        _, row, offset, count = plan
+        k[row : row + 1, :, offset : offset + count] = key_states
+        v[row : row + 1, :, offset : offset + count] = value_states
+        return k[row : row + 1, :, : offset + count], v[row : row + 1, :, : offset + count]
+
+    # --- bits of the Cache interface a model may consult ----------------------------------
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.lengths[: self.num_rows], default=0)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def __len__(self) -> int:
+        return self.num_layers

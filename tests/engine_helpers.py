@@ -1,0 +1,122 @@
+"""Shared pieces of the engine tests: a sharp tiny model, scripted block streams, dense references."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from memento.masking import BlockMaskingConfig, BlockTracker, attention_mask
+from memento.tokens import MarkerIds
+from memento.toy import build_tiny_model
+
+
+def sharp_model(tokenizer, seed: int = 0, sharpness: float = 4.0, layers: int = 2, hidden: int = 64):
+    """A tiny Qwen3 whose attention is far from uniform (q/k norm weights scaled), so a wrongly
+    visible or missing key changes the logits well beyond the tolerance."""
+    model = build_tiny_model(
+        tokenizer, layers=layers, hidden=hidden, heads=4, kv_heads=2, intermediate=128, seed=seed
+    )
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.mul_(sharpness)
+            layer.self_attn.k_norm.weight.mul_(sharpness)
+    return model
+
+
+def text_ids(tokenizer, markers: MarkerIds) -> list[int]:
+    """Ordinary token ids (no markers, chat specials, or role words)."""
+    special = set(tokenizer.all_special_ids) | set(markers.block_markers)
+    special |= {markers.im_start, markers.assistant}
+    special |= {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<think>", "</think>", "user")}
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def header(tokenizer, question: str = "Q") -> list[int]:
+    """`<|im_start|>user\\nQ<|im_end|>\\n<|im_start|>assistant\\n` as ids (opens the gate)."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def block_stream(
+    markers: MarkerIds, words: list[int], rng: random.Random, blocks: int, *, tail: int = 3
+) -> list[int]:
+    """`<think>`-less stream of `blocks` [BS text BE \\n SS text SE \\n] pairs, then a few answer tokens."""
+    out: list[int] = []
+    for _ in range(blocks):
+        out += [markers.block_start] + rng.choices(words, k=rng.randint(1, 6)) + [markers.block_end]
+        out += rng.choices(words, k=rng.randint(0, 1))
+        out += [markers.summary_start] + rng.choices(words, k=rng.randint(1, 3)) + [markers.summary_end]
+        out += rng.choices(words, k=rng.randint(0, 2))
+    return out + rng.choices(words, k=tail)
+
+
+@torch.no_grad()
+def dense_logits(model, ids: list[int], markers: MarkerIds, config: BlockMaskingConfig) -> torch.Tensor:
+    """One forward over the whole sequence with the Stage-2 mask and positions 0..L-1."""
+    mask = attention_mask(ids, markers, config)
+    out = model(
+        input_ids=torch.tensor([ids]),
+        position_ids=torch.arange(len(ids))[None],
+        attention_mask=mask[None, None],
+    )
+    return out.logits[0].float()
+
+
+@torch.no_grad()
+def restart_reference_logits(
+    model, ids: list[int], markers: MarkerIds, config: BlockMaskingConfig
+) -> torch.Tensor:
+    """Restart mode's dense definition: one forward over a virtual sequence in which every
+    recomputed token appears again (original position id), seeing only what was cached before
+    its `recompute_from` plus the earlier copies; later tokens see the copies, not the originals.
+    Returns, per logical position, the logits of the entry computed when that position was first
+    consumed (what the next token is sampled from; recomputed copies only serve as keys)."""
+    tracker = BlockTracker(markers, config)
+    tokens: list[int] = []
+    positions: list[int] = []
+    rows: list[list[int]] = []  # allowed virtual keys per virtual entry (itself included)
+    live: list[int] = []  # virtual entries currently "cached"
+    first_entry: dict[int, int] = {}
+
+    def add(p: int) -> None:
+        v = len(tokens)
+        tokens.append(ids[p])
+        positions.append(p)
+        rows.append(live + [v])
+        live.append(v)
+        first_entry.setdefault(p, v)
+
+    for p, t in enumerate(ids):
+        for ev in tracker.feed(t):
+            live[:] = [v for v in live if not ev.start <= positions[v] < ev.end]
+            if ev.recompute_from is not None:
+                redo = [positions[v] for v in live if positions[v] >= ev.recompute_from]
+                live[:] = [v for v in live if positions[v] < ev.recompute_from]
+                for q in redo:
+                    add(q)
+        add(p)
+    n = len(tokens)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for v, keys in enumerate(rows):
+        mask[v, keys] = True
+    out = model(
+        input_ids=torch.tensor([tokens]),
+        position_ids=torch.tensor([positions]),
+        attention_mask=mask[None, None],
+    )
+    logits = out.logits[0].float()
+    return torch.stack([logits[first_entry[p]] for p in range(len(ids))])
+
+
+class LogitsRecorder:
+    """Engine logits hook that records the logits each request was sampled from, by position."""
+
+    def __init__(self) -> None:
+        self.logits: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+
+    def __call__(self, seq, logits: torch.Tensor) -> torch.Tensor:
+        self.logits.setdefault((seq.prompt_index, seq.sample), {})[seq.pending_position] = logits.clone()
+        return logits
