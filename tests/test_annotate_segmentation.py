@@ -43,7 +43,7 @@ def brute_force(tokens, scores, m, lam, k_lo, k_hi, score_mean):
 
 def _check_valid(blocks, tokens, m, n):
     assert blocks[0][0] == 0 and blocks[-1][1] == n - 1
-    for (a, b), (c, _) in itertools.pairwise(blocks):
+    for (_a, b), (c, _) in itertools.pairwise(blocks):
         assert c == b + 1
     assert all(sum(tokens[a : b + 1]) >= m for a, b in blocks)
 
