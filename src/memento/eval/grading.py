@@ -52,8 +52,8 @@ _INLINE_MATH_RE = re.compile(
     r"\$\$(?P<a>.+?)\$\$|\\\[(?P<b>.+?)\\\]|\\\((?P<c>.+?)\\\)|(?<!\\)\$(?P<d>[^$]+?)(?<!\\)\$", re.DOTALL
 )
 _LETTER_STANDALONE_RE = re.compile(r"(?<![A-Za-z0-9_\\])\(?([A-D])\)?(?![A-Za-z0-9_'’])")
-_LETTER_PATTERN_RE = re.compile(
-    r"(?:answer|option|choice)\s*(?:is|:|：)?\s*(?:option\s*)?[\s*(\[]*([A-D])(?![A-Za-z0-9])", re.IGNORECASE
+_LETTER_PATTERN_RE = re.compile(  # case-insensitive words, upper-case letter ("answer is a ..." is prose)
+    r"(?i:answer|option|choice)\s*(?i:is|:|：)?\s*(?i:option\s*)?[\s*(\[]*([A-D])(?![A-Za-z0-9])"
 )
 
 
@@ -70,7 +70,7 @@ def answer_region(text: str) -> str:
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` / `\\fbox{...}` with balanced braces (None if absent)."""
     starts = [m.end() for m in _BOXED_RE.finditer(text)]
-    for start in reversed(starts):
+    for start in reversed(starts[-20:]):  # bounded: junk with thousands of opens stays linear
         depth, i = 1, start
         limit = min(len(text), start + 10 * MAX_CANDIDATE_CHARS)
         while i < limit and depth:
