@@ -98,7 +98,7 @@ def eval_command(
             results_path.unlink()
         if model is not None:
             config = GenerationConfig(
-                model=model,
+                model=str(Path(model).resolve()) if Path(model).exists() else model,
                 n=n,
                 temperature=temperature,
                 top_p=top_p,
