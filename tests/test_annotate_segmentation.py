@@ -81,7 +81,11 @@ def test_matches_brute_force_random(method):
     st.sampled_from([0, 50, 100]),
 )
 def test_property_auto_equals_brute_force(tokens, data, lam, m):
-    scores = data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0]), min_size=len(tokens) - 1, max_size=len(tokens) - 1))
+    scores = data.draw(
+        st.lists(
+            st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0]), min_size=len(tokens) - 1, max_size=len(tokens) - 1
+        )
+    )
     expected = brute_force(tokens, scores, m, lam, 1, None, "per_block")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SegmentationWarning)
@@ -108,12 +112,19 @@ def test_fast_never_worse_than_original_dp_or_exact(monkeypatch):
         lam = rng.choice([0.5, 1.0, 2.0])
         if sum(tokens) < 200:
             continue
-        fast = objective(tokens, scores, segment(tokens, scores, variance_penalty=lam, method="fast"), variance_penalty=lam)
+        fast = objective(
+            tokens, scores, segment(tokens, scores, variance_penalty=lam, method="fast"), variance_penalty=lam
+        )
         cuts = original_dp_cuts(tokens, scores, 200, lam, 1, sum(tokens) // 200)
         orig = objective(tokens, scores, _blocks_from_cuts(cuts, n), variance_penalty=lam)
         assert fast >= orig - 1e-9
         if n <= 70:
-            exact = objective(tokens, scores, segment(tokens, scores, variance_penalty=lam, method="exact"), variance_penalty=lam)
+            exact = objective(
+                tokens,
+                scores,
+                segment(tokens, scores, variance_penalty=lam, method="exact"),
+                variance_penalty=lam,
+            )
             assert fast == pytest.approx(exact, abs=1e-9)
             assert exact >= orig - 1e-9
 

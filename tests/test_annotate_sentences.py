@@ -125,7 +125,11 @@ def test_hf_token_counter_treats_special_strings_as_text():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from([*"ab .?!:\n\r$\\[]()`=xZ1,", "```", "$$", "\\[", "\\]", "So ", "Wait"]), max_size=80))
+@given(
+    st.lists(
+        st.sampled_from([*"ab .?!:\n\r$\\[]()`=xZ1,", "```", "$$", "\\[", "\\]", "So ", "Wait"]), max_size=80
+    )
+)
 def test_round_trip_property(pieces):
     text = "".join(pieces)
     assert "".join(split_sentences(text, COUNTER)) == text
