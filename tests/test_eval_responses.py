@@ -170,3 +170,17 @@ def test_real_memento_outputs_graded_and_kv_replayed(tmp_path, toy_model_dir):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["runs"]["memento"]["peak_kv_gb"] < summary["runs"]["full"]["peak_kv_gb"]
         assert (out / "kv_curves.png").is_file()
+
+
+@needs_benchmarks
+def test_math500_reference_solutions_grade_correct():
+    """Every MATH-500 reference solution, read as a response, is graded correct against its answer;
+    a shifted answer (the next problem's) is not."""
+    from memento.eval.grading import grade
+
+    problems = load_benchmark(MATH500).problems
+    solutions = [json.loads(line)["solution"] for line in MATH500.read_text().splitlines() if line.strip()]
+    wrong = [p.id for p, s in zip(problems, solutions, strict=True) if not grade(s, p.answer).correct]
+    assert wrong == []
+    shifted = sum(grade(s, q.answer).correct for s, q in zip(solutions[:100], problems[1:101], strict=True))
+    assert shifted <= 3  # a few neighbours share an answer

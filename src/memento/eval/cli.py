@@ -122,6 +122,10 @@ def eval_command(
             retok = Retokenizer(tokenizer, prompt_template) if tokenizer else None
             explicit_mode = mode[0] if mode and len(responses) == 1 else None
             records = [r for path in responses for r in read_responses(path, bench, explicit_mode)]
+            if retok is None and any(r.token_ids is not None for r in records):
+                err.print(
+                    "[yellow]note:[/yellow] token_ids are ignored without --tokenizer (needed for the markers)"
+                )
             output_dir.mkdir(parents=True, exist_ok=True)
             results = ResultsFile(results_path)
             with _RichProgress() as progress:

@@ -175,6 +175,8 @@ def render_markdown(summary: dict, plots: Sequence[str] = (), per_problem: dict 
         "| | " + " | ".join(runs) + " |",
         "|---|" + "---|" * len(runs),
     ]
+    if any(R[m]["problems"] != summary["problems"] for m in runs):  # a partial run: say so
+        lines.append("| Problems graded | " + " | ".join(str(R[m]["problems"]) for m in runs) + " |")
     for label, key, additive in rows:
         values = [get(m, key) for m in runs]
         if all(v is None for v in values):
