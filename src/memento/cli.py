@@ -34,10 +34,11 @@ def main(
 def _register_commands() -> None:
     from memento import kv_cli
     from memento.annotate import cli as annotate_cli
+    from memento.engine import cli as engine_cli
     from memento.eval import cli as eval_cli
     from memento.train import cli as train_cli
 
-    for module in (kv_cli, eval_cli, train_cli, annotate_cli):
+    for module in (kv_cli, eval_cli, train_cli, annotate_cli, engine_cli):
         module.register(app)
 
 
