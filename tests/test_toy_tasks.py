@@ -47,11 +47,12 @@ def test_chain_trace_structure_and_answer():
     p = ChainProblem(x0=253, b=47, n=10)
     trace = task.trace(p)
     assert trace.answer == "x=" + lsb((253 + 10 * 47) % 1000, 3) == task.answer(p)
-    assert len(trace.blocks) == 3  # 4 + 4 + 2 steps
-    assert [len(b.reasoning.splitlines()) for b in trace.blocks] == [4, 4, 2]
+    # blocks end where the steps left are a multiple of 4: 10 9 | 8 7 6 5 | 4 3 2 1
+    assert [len(b.reasoning.splitlines()) for b in trace.blocks] == [2, 4, 4]
+    assert [b.memento[:2] for b in trace.blocks] == ["08", "04", "00"]
     assert trace.blocks[-1].memento.startswith("00 ")
     # the prompt ends with the start state, where the first step copies it from
-    assert trace.problem.endswith("n=10 b=740 x=352")
+    assert trace.problem.endswith("n=10 x=352 b=740")
     assert trace.blocks[0].reasoning.startswith("10 x=352 b=740 3+7+0=10 5+4+1=10 2+0+1=03 x=003")
 
 

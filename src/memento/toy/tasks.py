@@ -93,7 +93,7 @@ class ChainTask:
         d = self.digits
         return (
             f"Repeat x = x + b mod {self.modulus}, n times. Digits are least significant first. "
-            f"n={p.n:02d} b={lsb(p.b, d)} x={lsb(p.x0, d)}"
+            f"n={p.n:02d} x={lsb(p.x0, d)} b={lsb(p.b, d)}"
         )
 
     def state(self, k: int, x: int, b: int) -> str:
@@ -112,6 +112,11 @@ class ChainTask:
         new = from_lsb("".join(out))
         return f"{self.state(k, x, b)} {' '.join(cols)} x={''.join(out)}", new
 
+    def ends_block(self, k: int) -> bool:
+        """Blocks end where the steps left after this one are a multiple of `block_steps`, so the
+        decision depends on the step's own countdown label only (the first block may be shorter)."""
+        return (k - 1) % self.block_steps == 0
+
     def run(self, p: ChainProblem) -> int:
         """The final value (the answer), computed directly."""
         return (p.x0 + p.n * p.b) % self.modulus
@@ -120,14 +125,13 @@ class ChainTask:
         return f"x={lsb(self.run(p), self.digits)}"
 
     def trace(self, p: ChainProblem) -> MementoTrace:
-        """The worked solution: blocks of `block_steps` steps, each closed by a memento holding the
-        state after it (countdown of steps left, x, b)."""
+        """The worked solution: blocks of (up to) `block_steps` steps, each closed by a memento
+        holding the state after it (countdown of steps left, x, b)."""
         blocks, lines, x = [], [], p.x0
-        for i in range(p.n):
-            k = p.n - i
+        for k in range(p.n, 0, -1):
             line, x = self.step(k, x, p.b)
             lines.append(line)
-            if len(lines) == self.block_steps or i == p.n - 1:
+            if self.ends_block(k):
                 blocks.append(Block("\n".join(lines), self.state(k - 1, x, p.b)))
                 lines = []
         return MementoTrace(self.prompt(p), tuple(blocks), self.answer(p))
