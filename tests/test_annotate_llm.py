@@ -70,7 +70,7 @@ class FakeOpenAI:
                 if action == "500":
                     return self._send(500, {"error": {"message": "internal error", "type": "server_error"}})
                 if action == "sleep":
-                    time.sleep(1.5)
+                    time.sleep(5)
                 content = (
                     action
                     if isinstance(action, str) and action not in ("sleep", "malformed", "range")
@@ -139,7 +139,7 @@ def _client(fake: FakeOpenAI, **kw) -> LLMClient:
         model="fake",
         base_url=fake.url,
         api_key="none",
-        timeout_s=0.5,
+        timeout_s=2.0,  # generous: a loaded CI machine must not time out ordinary requests
         max_attempts=3,
         backoff_s=0.01,
         concurrency=4,
