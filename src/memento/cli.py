@@ -36,10 +36,11 @@ def _register_commands() -> None:
     from memento.annotate import cli as annotate_cli
     from memento.engine import cli as engine_cli
     from memento.eval import cli as eval_cli
+    from memento.integrations.vllm import cli as vllm_cli
     from memento.toy import cli as toy_cli
     from memento.train import cli as train_cli
 
-    for module in (kv_cli, eval_cli, train_cli, annotate_cli, toy_cli, engine_cli):
+    for module in (kv_cli, eval_cli, train_cli, annotate_cli, toy_cli, engine_cli, vllm_cli):
         module.register(app)
 
 

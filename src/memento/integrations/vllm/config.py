@@ -61,7 +61,9 @@ class MementoVllmConfig:
                 if not isinstance(value, str | int) or isinstance(value, bool):
                     raise ValueError(f"memento option {key!r} must be a token string or id, got {value!r}")
                 markers[key] = str(value)
-        return cls(enable=enable, debug=debug, masking=BlockMaskingConfig.from_dict(values), marker_tokens=markers)
+        return cls(
+            enable=enable, debug=debug, masking=BlockMaskingConfig.from_dict(values), marker_tokens=markers
+        )
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> MementoVllmConfig:
@@ -116,7 +118,9 @@ def request_masking(base: BlockMaskingConfig, extra_args: dict[str, Any] | None)
 def load_markers(config: MementoVllmConfig, vllm_config: Any) -> MarkerIds:
     """Resolve marker ids with the served tokenizer (all-integer marker options need none)."""
     tokenizer = None
-    if not all(v.strip().isdigit() for k, v in config.marker_tokens.items() if not k.startswith(("im_", "assistant"))):
+    if not all(
+        v.strip().isdigit() for k, v in config.marker_tokens.items() if not k.startswith(("im_", "assistant"))
+    ):
         from transformers import AutoTokenizer
 
         model_config = vllm_config.model_config

@@ -26,7 +26,9 @@ class TokenLayout:
     block_size: int
 
 
-def probe_layout(layer: torch.nn.Module, kv_cache: torch.Tensor, num_blocks: int, block_size: int) -> TokenLayout:
+def probe_layout(
+    layer: torch.nn.Module, kv_cache: torch.Tensor, num_blocks: int, block_size: int
+) -> TokenLayout:
     """Discover where the backend writes each token's K/V elements inside a block."""
     impl = layer.impl
     block_dim = _block_dim(kv_cache, num_blocks)
@@ -47,7 +49,11 @@ def probe_layout(layer: torch.nn.Module, kv_cache: torch.Tensor, num_blocks: int
     def write(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         scratch = torch.full(scratch_shape, -1.0, dtype=dtype, device=kv_cache.device)
         impl.do_kv_cache_update(
-            layer, key.to(dtype).contiguous(), value.to(dtype).contiguous(), scratch, slots.to(kv_cache.device)
+            layer,
+            key.to(dtype).contiguous(),
+            value.to(dtype).contiguous(),
+            scratch,
+            slots.to(kv_cache.device),
         )
         return scratch.cpu().float().reshape(-1)
 
@@ -76,7 +82,9 @@ def probe_layout(layer: torch.nn.Module, kv_cache: torch.Tensor, num_blocks: int
 def _block_dim(kv_cache: torch.Tensor, num_blocks: int) -> int:
     dims = [i for i, s in enumerate(kv_cache.shape) if s == num_blocks]
     if not dims:
-        raise ValueError(f"memento: no dimension of size num_blocks={num_blocks} in KV shape {tuple(kv_cache.shape)}")
+        raise ValueError(
+            f"memento: no dimension of size num_blocks={num_blocks} in KV shape {tuple(kv_cache.shape)}"
+        )
     return dims[0]
 
 

@@ -127,7 +127,7 @@ class MementoSchedulerMixin:
                 self._apply_ready(request, state)
         output = super().schedule(*args, **kwargs)
         plan = self._step_plan
-        for rid, (src, dst) in self._step_moves.items():
+        for src, dst in self._step_moves.values():
             plan.src_slots.extend(src)
             plan.dst_slots.extend(dst)
         for rid in output.num_scheduled_tokens:
@@ -267,7 +267,11 @@ class MementoSchedulerMixin:
         state = self._mstates.get(request_id)
         if state is None:
             return None
-        return {"removed": state.removed, "peak_physical": state.peak_physical, "blocks_freed": state.blocks_freed}
+        return {
+            "removed": state.removed,
+            "peak_physical": state.peak_physical,
+            "blocks_freed": state.blocks_freed,
+        }
 
     def _debug(self, event: str, request: Any, **info: Any) -> None:
         if self.memento_config.debug:

@@ -83,7 +83,9 @@ class MementoRunnerMixin:
                 table.block_table.np[row, keep:n] = 0
                 table.num_blocks_per_row[row] = keep
 
-    def _memento_physical(self, scheduler_output: Any, num_scheduled: np.ndarray, removed: dict[str, int]) -> None:
+    def _memento_physical(
+        self, scheduler_output: Any, num_scheduled: np.ndarray, removed: dict[str, int]
+    ) -> None:
         num_reqs = self.input_batch.num_reqs
         per_req = np.zeros(num_reqs, dtype=np.int64)
         for rid, r in removed.items():
