@@ -165,6 +165,7 @@ class TrainResult:
     tokens_per_s: float
     seconds: float
     attention: str
+    world_size: int
     resumed_from: str | None
     data: DataStats
     log_history: list[dict] = field(default_factory=list)
@@ -340,8 +341,8 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
         seed=cfg.seed,
         bf16=bf16,
         use_cpu=not cuda,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         remove_unused_columns=False,
         report_to=[],
         disable_tqdm=not cfg.progress,
@@ -390,6 +391,7 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
         tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
         seconds=seconds,
         attention=attention,
+        world_size=trainer.accelerator.num_processes,
         resumed_from=resume_from,
         data=stats,
         log_history=list(trainer.state.log_history),
