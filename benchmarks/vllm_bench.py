@@ -36,11 +36,11 @@ def block_script(m, n_blocks: int, block_len: int, summary_len: int, start: int 
 
 def run_engine(model_dir: Path, memento: bool, concurrency: list[int], args) -> list[dict]:
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
 
     from memento.integrations.vllm.logits import FORCE_KEY
     from memento.integrations.vllm.plugin import engine_kwargs
     from memento.tokens import MarkerIds
+    from vllm import LLM, SamplingParams
 
     kwargs = dict(
         model=str(model_dir),
@@ -115,7 +115,9 @@ def run_engine(model_dir: Path, memento: bool, concurrency: list[int], args) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--kv-blocks", type=int, default=48, help="KV pool size in 32-token blocks (both engines)")
+    parser.add_argument(
+        "--kv-blocks", type=int, default=48, help="KV pool size in 32-token blocks (both engines)"
+    )
     parser.add_argument("--blocks", type=int, default=5, help="reasoning blocks per request")
     parser.add_argument("--block-len", type=int, default=48)
     parser.add_argument("--summary-len", type=int, default=6)
@@ -127,7 +129,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_sharp_checkpoint(Path(tmp) / "toy")
-        rows = run_engine(model_dir, False, concurrency, args) + run_engine(model_dir, True, concurrency, args)
+        rows = run_engine(model_dir, False, concurrency, args) + run_engine(
+            model_dir, True, concurrency, args
+        )
     by = {(r["engine"], r["concurrency"]): r for r in rows}
     for c in concurrency:
         v, m = by[("vanilla", c)], by[("memento", c)]
@@ -137,7 +141,9 @@ def main() -> None:
             f"{m['peak_kv_blocks']} blocks, {m['preemptions']} preemptions) | speed-up {m['tokens_per_s'] / v['tokens_per_s']:.2f}x"
         )
     if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1) + "\n"
+        )
 
 
 if __name__ == "__main__":

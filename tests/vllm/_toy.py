@@ -34,7 +34,9 @@ class HFReference:
     def __init__(self, model_dir: Path, markers: MarkerIds) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="sdpa"
+        )
         self.model.eval()
         self.markers = markers
 

@@ -62,7 +62,10 @@ def make_llm(model_dir, **kwargs):
         seed=0,
         scheduler_cls=SCHEDULER_CLS,
         worker_cls=CPU_WORKER_CLS,
-        logits_processors=["memento.integrations.vllm.logits:ForcedTokensProcessor"],
+        logits_processors=[
+            "memento.integrations.vllm.logits:ForcedTokensProcessor",
+            "memento.integrations.vllm.logits:BlockLengthCapProcessor",
+        ],
         additional_config={"memento": {"keep_last_n_blocks": 0, "debug": True}},
         kv_cache_memory_bytes=16 << 20,
     )
@@ -240,9 +243,19 @@ def test_forced_preemption_keeps_evictions(model_dir, tokenizer, markers, refere
         assert preempts, "the small pool did not force a preemption"
         for request_output in outs:
             check_against_reference(reference, markers, prompt, request_output.outputs[0], {}, script)
-        assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 9 - 1  # all back, except the null block
+        assert (
+            sched.kv_cache_manager.block_pool.get_num_free_blocks() == 9 - 1
+        )  # all back, except the null block
     finally:
         del small
+
+
+def test_block_length_cap(llm, tokenizer, markers):
+    """`max_block_tokens=5` (per request): after BS and 5 content tokens the model must emit BE."""
+    prompt = header(tokenizer)
+    output = run(llm, [(prompt, {"max_block_tokens": 5}, {2: markers.block_start}, 12)])[0].outputs[0]
+    ids = list(output.token_ids)
+    assert ids[2] == markers.block_start and ids[8] == markers.block_end, ids
 
 
 def test_unknown_keys_are_errors(llm, tokenizer):
