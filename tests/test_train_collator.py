@@ -122,3 +122,20 @@ def test_flex_block_mask_forward_equals_dense(markers, toy_tokenizer):
     for b, s in enumerate(samples):
         n = len(s)
         assert torch.allclose(flex[b, :n], dense[b, :n], atol=1e-4), (flex[b, :n] - dense[b, :n]).abs().max()
+
+
+def test_chunked_sdpa_equals_plain_sdpa_forward_and_backward(samples, markers, toy_tokenizer, monkeypatch):
+    from memento.train import attention
+
+    monkeypatch.setattr(attention, "CHUNK", 16)  # several chunks at these lengths
+    batch = MementoCollator(toy_tokenizer.pad_token_id, "memento", markers)(samples)
+    assert batch["input_ids"].shape[1] > 3 * attention.CHUNK
+    plain = build_tiny_model(toy_tokenizer, layers=2, seed=6).train()
+    chunked = build_tiny_model(toy_tokenizer, layers=2, seed=6).train()
+    chunked.set_attn_implementation(attention.register())
+    loss_plain, loss_chunked = plain(**batch).loss, chunked(**batch).loss
+    loss_plain.backward()
+    loss_chunked.backward()
+    assert torch.allclose(loss_plain, loss_chunked, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name

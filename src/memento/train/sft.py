@@ -310,6 +310,11 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
     attention = choose_attention(cfg, longest, cuda)
     if attention != "sdpa":
         model.set_attn_implementation("flex_attention" if attention == "flex" else "eager")
+    elif cfg.stage == "memento":
+        # Same sdpa kernel, but the masked (non-causal-flag) path skips the upper triangle.
+        from memento.train.attention import register
+
+        model.set_attn_implementation(register())
 
     markers = MarkerIds.from_tokenizer(tokenizer) if cfg.stage == "memento" else None
     collator = MementoCollator(
@@ -378,6 +383,8 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
     if trainer.accelerator.num_processes > 1:
         t = torch.tensor([tokens], device=trainer.accelerator.device)
         tokens = int(trainer.accelerator.reduce(t, reduction="sum").item())
+    if attention != "sdpa" or cfg.stage == "memento":
+        model.set_attn_implementation("sdpa")  # the saved model must load without our registration
     trainer.save_model(cfg.output_dir)  # model + tokenizer (processing_class), main process writes
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
