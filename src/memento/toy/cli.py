@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -34,7 +35,8 @@ def demo_command(
         cfg = DemoConfig(out=out, profile=profile, minutes=minutes, seed=seed)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    console = Console(stderr=as_json)
+    # Bound to the real stream: the demo silences library prints by redirecting sys.stdout.
+    console = Console(file=sys.stderr if as_json else sys.stdout)
     try:
         report = run_demo(cfg, Ui(console=console))
     except ValueError as exc:
