@@ -96,3 +96,13 @@ def test_config_rejects_unknown_keys_and_bad_combinations(tmp_path):
         SFTConfig.from_dict({"model": "m"})
     cfg = SFTConfig.from_dict({**base, "max-steps": 5, "masking": {"mask_delimiters": True}})
     assert cfg.max_steps == 5 and cfg.masking.mask_delimiters
+
+
+def test_example_config_file_is_valid():
+    from pathlib import Path
+
+    from memento.train import load_config_file
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train-stage2.yaml"
+    cfg = SFTConfig.from_dict(load_config_file(path))
+    assert cfg.stage == "memento" and cfg.masking.keep_last_n_blocks == 0 and cfg.gradient_checkpointing

@@ -63,6 +63,9 @@ def train_command(
         None, "--mask-delimiters/--no-mask-delimiters", help="Stage-2 mask: also hide block delimiters."
     ),
     attention: str = typer.Option(None, "--attention", help="auto | sdpa | eager | flex (CUDA) [auto]."),
+    flex_threshold: int = typer.Option(
+        None, "--flex-threshold", help="auto: flex on CUDA above this many tokens [4096]."
+    ),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
     epochs: float = typer.Option(None, "--epochs", help="Epochs [3]."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate [8e-5]."),
@@ -97,6 +100,7 @@ def train_command(
         "max_length": max_length,
         "overlong": overlong,
         "attention": attention,
+        "flex_threshold": flex_threshold,
         "max_steps": max_steps,
         "epochs": epochs,
         "lr": lr,
