@@ -150,8 +150,8 @@ def test_accelerate_launch_two_cpu_processes(tiny_dir, data_path, tmp_path):
     out = tmp_path / "ddp"
     # `--cpu` selects accelerate's single-process launcher; `--multi_gpu` starts torchrun, which
     # falls back to gloo data parallel on a machine without CUDA.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "cpu_2proc.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     cmd += ["-m", "memento.train", "--model", str(tiny_dir), "--data", str(data_path)]
     cmd += ["--output-dir", str(out), "--stage", "memento", "--max-steps", "4", "--batch-size", "2"]
     cmd += ["--save-steps", "4", "--no-progress", "--json"]

@@ -225,7 +225,7 @@ def prepare_model_and_tokenizer(model_dir: str, fmt: str = "memento", *, dtype: 
         raise ValueError(f"{model_dir}: cannot load a causal LM + tokenizer: {exc}") from exc
     added = False
     if fmt == "memento":
-        rows = model.get_input_embeddings().weight.shape[0]
+        rows = model.get_input_embeddings().num_embeddings  # also right when ZeRO-3 partitions weights
         try:
             ids = MarkerIds.from_tokenizer(tokenizer)
             needs = max(ids.block_markers) >= rows
@@ -297,34 +297,7 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
     if bf16 and not cuda:
         raise ValueError("bf16 training needs a GPU here; leave bf16 unset on CPU (fp32)")
     set_seed(cfg.seed)
-    model, tokenizer, _ = prepare_model_and_tokenizer(cfg.model, cfg.format)
-    samples, stats = tokenize_traces(
-        traces,
-        tokenizer,
-        fmt=cfg.format,
-        system_prompt=cfg.system_prompt,
-        max_length=cfg.max_length,
-        overlong=cfg.overlong,
-    )
-    longest = max(len(s) for s in samples)
-    attention = choose_attention(cfg, longest, cuda)
-    if attention != "sdpa":
-        model.set_attn_implementation("flex_attention" if attention == "flex" else "eager")
-    elif cfg.stage == "memento":
-        # Same sdpa kernel, but the masked (non-causal-flag) path skips the upper triangle.
-        from memento.train.attention import register
-
-        model.set_attn_implementation(register())
-
-    markers = MarkerIds.from_tokenizer(tokenizer) if cfg.stage == "memento" else None
-    collator = MementoCollator(
-        pad_token_id=tokenizer.pad_token_id,
-        stage=cfg.stage,
-        markers=markers,
-        masking=cfg.masking,
-        mask_format="kill_times" if attention == "flex" else "dense",
-        return_lengths=True,
-    )
+    # Arguments first: under `accelerate launch` with ZeRO-3 they make from_pretrained shard at load.
     args = TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.batch_size,
@@ -353,6 +326,34 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
         disable_tqdm=not cfg.progress,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
+    )
+    model, tokenizer, _ = prepare_model_and_tokenizer(cfg.model, cfg.format)
+    samples, stats = tokenize_traces(
+        traces,
+        tokenizer,
+        fmt=cfg.format,
+        system_prompt=cfg.system_prompt,
+        max_length=cfg.max_length,
+        overlong=cfg.overlong,
+    )
+    longest = max(len(s) for s in samples)
+    attention = choose_attention(cfg, longest, cuda)
+    if attention != "sdpa":
+        model.set_attn_implementation("flex_attention" if attention == "flex" else "eager")
+    elif cfg.stage == "memento":
+        # Same sdpa kernel, but the masked (non-causal-flag) path skips the upper triangle.
+        from memento.train.attention import register
+
+        model.set_attn_implementation(register())
+
+    markers = MarkerIds.from_tokenizer(tokenizer) if cfg.stage == "memento" else None
+    collator = MementoCollator(
+        pad_token_id=tokenizer.pad_token_id,
+        stage=cfg.stage,
+        markers=markers,
+        masking=cfg.masking,
+        mask_format="kill_times" if attention == "flex" else "dense",
+        return_lengths=True,
     )
     trainer = _trainer_class()(
         model=model,
