@@ -62,7 +62,7 @@ def test_bench_replay_traces(tmp_path):
         for i in range(5)
     ]
     traces.write_text(json.dumps({"problem": "Add numbers.", "blocks": blocks, "answer": "6"}) + "\n")
-    result = runner.invoke(app, ["bench", "--replay", str(traces), "--toy", "--repeat", "3", "--json"])
+    result = runner.invoke(app, ["bench", "--replay", str(traces), "--toy", "--repeat", "2", "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["mode"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert rows["full"]["generated_tokens"] == rows["memento"]["generated_tokens"]

@@ -59,6 +59,7 @@ class BatchedKVCache(Cache):
 
     # --- storage management ---------------------------------------------------------------
 
+    @torch.inference_mode()
     def _zeros(self, rows: int, capacity: int) -> torch.Tensor:
         # Zeros, not empty: padded slots are masked out, but must stay finite (0 * NaN = NaN).
         return torch.zeros(
@@ -77,6 +78,7 @@ class BatchedKVCache(Cache):
         """Valid cached tokens over all rows in use (what the KV budget counts)."""
         return sum(self.lengths[: self.num_rows])
 
+    @torch.inference_mode()
     def reserve(self, rows: int | None = None, length: int | None = None) -> None:
         """Grow storage (doubling) so `rows` rows of `length` slots fit; existing data is kept."""
         rows = max(rows or 0, self.row_capacity)
@@ -103,6 +105,7 @@ class BatchedKVCache(Cache):
         self.lengths[row] = 0
         return row
 
+    @torch.inference_mode()
     def release_row(self, row: int) -> int | None:
         """Free `row`; the last used row moves into its place to keep rows contiguous.
 
@@ -120,6 +123,7 @@ class BatchedKVCache(Cache):
         self.num_rows -= 1
         return moved
 
+    @torch.inference_mode()
     def remove_slots(self, row: int, start: int, end: int) -> None:
         """Compaction primitive: drop slots `[start, end)` of one row; later slots move left."""
         n = self.lengths[row]

@@ -225,6 +225,7 @@ class Engine:
                 )
         return seq
 
+    @torch.inference_mode()
     def _run(self, seqs: list[Sequence], progress) -> list[RequestOutput]:
         scheduler = Scheduler(self.kv_budget_tokens, self.max_batch_size, self.prefill_chunk_tokens)
         self.cache.num_rows = 0

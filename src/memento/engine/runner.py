@@ -8,8 +8,30 @@ causal-mask logic is bypassed entirely.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from memento.engine.cache import BatchedKVCache
+
+ATTENTION_NAME = "memento_sdpa"
+
+
+def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA with a mask *and* grouped KV heads: transformers' own path repeats the KV heads whenever
+    a mask is given (a full copy of the cache per layer per step); SDPA can broadcast them instead."""
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION_NAME, _sdpa_gqa)
+        return True
+    except Exception:  # an older/newer transformers without the registry: keep its own sdpa
+        return False
 
 
 class ModelRunner:
@@ -23,6 +45,19 @@ class ModelRunner:
         # SDPA takes a boolean mask as is; other kernels need an additive float mask.
         self.bool_mask = impl == "sdpa"
         self.dtype = cache.dtype
+        # While the engine runs the model, sdpa layers use the GQA-aware variant (same math).
+        self.attention = ATTENTION_NAME if impl == "sdpa" and _register_attention() else None
+
+    def _forward(self, **kwargs):
+        config = self.model.config
+        if self.attention is None:
+            return self.model(**kwargs)
+        saved = config._attn_implementation
+        config._attn_implementation = self.attention
+        try:
+            return self.model(**kwargs)
+        finally:
+            config._attn_implementation = saved
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         if self.bool_mask:
@@ -37,7 +72,7 @@ class ModelRunner:
         lengths = torch.tensor(self.cache.lengths[:n], device=self.device)
         key_len = self.cache.plan_decode(n)
         allowed = torch.arange(key_len, device=self.device) <= lengths[:, None]
-        out = self.model(
+        out = self._forward(
             input_ids=torch.tensor(token_ids, device=self.device)[:, None],
             position_ids=torch.tensor(positions, device=self.device)[:, None],
             attention_mask=self._mask(allowed[:, None, None, :]),
@@ -72,7 +107,7 @@ class ModelRunner:
                 if pos in index:
                     kill_t[index[pos]] = t
             allowed &= q < kill_t.to(self.device)[None, :]
-        out = self.model(
+        out = self._forward(
             input_ids=torch.tensor(token_ids, device=self.device)[None, :],
             position_ids=q.T,
             attention_mask=self._mask(allowed[None, None]),

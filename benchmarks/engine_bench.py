@@ -1,0 +1,277 @@
+"""Engine benchmarks (not unit tests): decode speed vs HF `generate`, MEMENTO vs full attention under
+one KV budget (teacher-forced replay of block-structured streams), and the cost of one eviction.
+
+    .venv/bin/python benchmarks/engine_bench.py --out benchmarks/results/engine_bench.json
+
+The model is a randomly initialised Qwen3 built from a config (no download): big enough that
+compute matters on a CPU, small enough to run in minutes. Numbers depend on the machine and its
+load; the script prints what it measured and writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from memento.engine import Engine, SamplingParams
+from memento.masking import BlockMaskingConfig
+from memento.tokens import MarkerIds
+from memento.toy import build_tokenizer
+
+
+def build_model(tokenizer, layers: int, hidden: int, seed: int = 0) -> Qwen3ForCausalLM:
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 128),
+        head_dim=64,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def words(tokenizer, markers: MarkerIds) -> list[int]:
+    special = (
+        set(tokenizer.all_special_ids) | set(markers.block_markers) | {markers.im_start, markers.assistant}
+    )
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def header(tokenizer, i: int) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"problem {i}: add the numbers"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+# --- 1. decode speed vs HF generate ------------------------------------------------------------
+
+
+def bench_decode(model, tokenizer, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    rng = random.Random(batch)
+    vocab = words(tokenizer, MarkerIds.from_tokenizer(tokenizer))
+    prompts = [[rng.choice(vocab) for _ in range(prompt_len)] for _ in range(batch)]
+    engine = Engine(model, tokenizer, mode="full", max_batch_size=batch)
+    engine.stop_ids = set()  # a random model may emit EOS; both sides generate exactly new_tokens
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens)
+    ids = torch.tensor(prompts)
+
+    def run_engine(new: int = new_tokens) -> float:
+        t = time.perf_counter()
+        outs = engine.generate(prompts, dataclasses.replace(params, max_new_tokens=new))
+        assert all(len(o.output_ids) == new for o in outs)
+        return time.perf_counter() - t
+
+    def run_hf(new: int = new_tokens) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        assert out.shape[1] == prompt_len + new
+        return time.perf_counter() - t
+
+    run_engine(4), run_hf(4)  # warm-up (kernel set-up for these shapes)
+    eng = [run_engine() for _ in range(repeats)]
+    hf = [run_hf() for _ in range(repeats)]
+    tokens = batch * new_tokens
+    e, h = min(eng), min(hf)
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "engine_tok_s": round(tokens / e, 1),
+        "hf_generate_tok_s": round(tokens / h, 1),
+        "speedup": round(h / e, 2),
+        "note": "wall time includes the prefill of the prompts, for both",
+    }
+
+
+# --- 2. memento vs full under one KV budget (replay) ------------------------------------------
+
+
+def block_streams(tokenizer, count: int, blocks: int, block_len: int, memento_len: int, seed: int = 0):
+    markers = MarkerIds.from_tokenizer(tokenizer)
+    vocab = words(tokenizer, markers)
+    think = tokenizer.convert_tokens_to_ids("<think>")
+    think_end = tokenizer.convert_tokens_to_ids("</think>")
+    rng = random.Random(seed)
+    prompts, outputs = [], []
+    for i in range(count):
+        out = [think]
+        for _ in range(rng.randint(blocks - 2, blocks + 2)):
+            out += [markers.block_start] + rng.choices(
+                vocab, k=rng.randint(block_len // 2, 3 * block_len // 2)
+            )
+            out += (
+                [markers.block_end, markers.summary_start]
+                + rng.choices(vocab, k=memento_len)
+                + [markers.summary_end]
+            )
+        out += [think_end] + rng.choices(vocab, k=20)
+        prompts.append(header(tokenizer, i))
+        outputs.append(out)
+    return prompts, outputs
+
+
+def bench_replay(model, tokenizer, prompts, outputs, budget: int, max_batch: int) -> list[dict]:
+    rows = []
+    for mode in ("full", "memento"):
+        engine = Engine(
+            model,
+            tokenizer,
+            mode=mode,
+            masking=BlockMaskingConfig(),
+            kv_budget_tokens=budget,
+            max_batch_size=max_batch,
+        )
+        engine.replay(prompts[:2], [o[:50] for o in outputs[:2]])  # warm-up
+        outs = engine.replay(prompts, outputs)
+        run = engine.last_run
+        rows.append(
+            {
+                "mode": mode,
+                "requests": len(outs),
+                "kv_budget_tokens": budget,
+                "seconds": round(run["seconds"], 2),
+                "generated_tokens": run["generated_tokens"],
+                "tokens_per_s": round(run["generated_tokens"] / run["seconds"], 1),
+                "decode_steps": run["steps"],
+                "mean_peak_kv_per_request": round(statistics.mean(o.peak_kv for o in outs), 1),
+                "mean_auc_kv_per_request": round(statistics.mean(o.auc_kv for o in outs)),
+                "peak_total_kv": run["peak_total_kv"],
+                "preemptions": run["preemptions"],
+            }
+        )
+    return rows
+
+
+# --- 3. cost of one eviction --------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def bench_eviction(model, tokenizer, cached: int, span: int, tail: int, repeats: int) -> dict:
+    """Time `remove_slots` on a row holding `cached` tokens (a block of `span` tokens followed by
+    `tail` retained tokens, as at a keep-0 `<|summary_end|>`; and the worst case, a block at the
+    start of the cache) against one batch-1 decode step at that cache size."""
+    engine = Engine(model, tokenizer, mode="full", max_batch_size=1)
+    cache, runner = engine.cache, engine.runner
+    cache.num_rows = 0
+    row = cache.add_row()
+    cache.reserve(length=cached + 2)
+    for store in (cache.keys, cache.values):
+        for t in store:
+            t[row, :, :cached].normal_()
+
+    def decode() -> float:
+        cache.lengths[row] = cached
+        t = time.perf_counter()
+        runner.decode([5], [cached])
+        return time.perf_counter() - t
+
+    def evict(start: int) -> float:
+        cache.lengths[row] = cached
+        t = time.perf_counter()
+        cache.remove_slots(row, start, start + span)
+        return time.perf_counter() - t
+
+    decode(), evict(0)
+    step = statistics.median(decode() for _ in range(repeats))
+    typical = statistics.median(evict(cached - tail - span) for _ in range(repeats))
+    worst = statistics.median(evict(0) for _ in range(repeats))
+    return {
+        "cached_tokens": cached,
+        "span": span,
+        "tail_moved": tail,
+        "decode_step_ms": round(step * 1e3, 3),
+        "evict_keep0_ms": round(typical * 1e3, 3),
+        "evict_keep0_vs_step": round(typical / step, 3),
+        "evict_worst_ms": round(worst * 1e3, 3),
+        "evict_worst_vs_step": round(worst / step, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--only", default="decode,replay,eviction", help="comma-separated parts to run")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, args.layers, args.hidden)
+    quick = args.quick
+    result: dict = {
+        "model": f"Qwen3 {args.layers} layers, d={args.hidden}, random init, fp32",
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+    }
+    parts = set(args.only.split(","))
+    if args.out and args.out.exists():  # keep the parts not re-run
+        result = {**json.loads(args.out.read_text()), **result}
+    cases = [(1, 64, 128), (16, 64, 128), (1, 1024, 256), (16, 1024, 256)]
+    if quick:
+        cases = [(1, 64, 32), (16, 64, 32)]
+    if "decode" in parts:
+        result["decode"] = [
+            bench_decode(model, tokenizer, b, prompt_len=p, new_tokens=n, repeats=1 if quick or p > 64 else 2)
+            for b, p, n in cases
+        ]
+        print(json.dumps(result["decode"], indent=1), flush=True)
+    if "replay" in parts:
+        bench_replay_part(result, model, tokenizer, quick)
+    if "eviction" in parts:
+        result["eviction"] = [
+            bench_eviction(model, tokenizer, cached, span=500, tail=60, repeats=5 if quick else 20)
+            for cached in (2000, 16000)
+        ]
+        print(json.dumps(result["eviction"], indent=1), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def bench_replay_part(result: dict, model, tokenizer, quick: bool) -> None:
+    count, blocks = (8, 6) if quick else (16, 16)
+    prompts, outputs = block_streams(tokenizer, count, blocks=blocks, block_len=80, memento_len=12)
+    budget = 1500 if quick else 5000
+    result["replay"] = bench_replay(model, tokenizer, prompts, outputs, budget=budget, max_batch=16)
+    full, mem = result["replay"]
+    result["replay_summary"] = {
+        "throughput_gain": round(mem["tokens_per_s"] / full["tokens_per_s"], 2),
+        "completion_time_ratio": round(full["seconds"] / mem["seconds"], 2),
+        "peak_kv_reduction": round(full["mean_peak_kv_per_request"] / mem["mean_peak_kv_per_request"], 2),
+    }
+    print(json.dumps(result["replay"], indent=1), json.dumps(result["replay_summary"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
