@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from memento.masking import BlockMaskingConfig, BlockTracker, attention_mask
 from memento.tokens import MarkerIds
 from memento.toy import build_tiny_model
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_thread():
+    """Run a test module's tiny models on one torch thread (restored afterwards). The models are far
+    too small to gain from a second thread, and on a loaded machine the idle-spinning second
+    thread makes every small op wait (measured: 5-10x slower engine tests under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def sharp_model(tokenizer, seed: int = 0, sharpness: float = 4.0, layers: int = 2, hidden: int = 64):

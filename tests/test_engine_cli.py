@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
+from engine_helpers import one_thread  # noqa: F401 (fixture)
 from memento.cli import app
 from memento.masking import BlockMaskingConfig, kv_stats
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 runner = CliRunner()
 

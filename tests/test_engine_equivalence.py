@@ -14,12 +14,15 @@ from engine_helpers import (
     block_stream,
     dense_logits,
     header,
+    one_thread,  # noqa: F401 (fixture)
     restart_reference_logits,
     sharp_model,
     text_ids,
 )
 from memento.engine import Engine
 from memento.masking import BlockMaskingConfig, evictions
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-4
 

@@ -9,9 +9,17 @@ import warnings
 import pytest
 import torch
 
-from engine_helpers import dense_logits, header, sharp_model, text_ids
+from engine_helpers import (
+    dense_logits,
+    header,
+    one_thread,  # noqa: F401 (fixture)
+    sharp_model,
+    text_ids,
+)
 from memento.engine import Engine, SamplingParams
 from memento.masking import BlockMaskingConfig, kv_stats
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +36,11 @@ class ForceMarkers:
         m = markers
         pattern = [m.block_start, None, None, None, m.block_end, m.summary_start, None, m.summary_end]
         pattern += [None] * (period - len(pattern))
-        self.schedule = {
-            i: pattern[(i + offset) % period] for i in range(4096) if pattern[(i + offset) % period]
-        }
+        self.pattern, self.period, self.offset = pattern, period, offset
         self.markers = list(m.block_markers)
 
     def bias(self, index: int, logits: torch.Tensor) -> torch.Tensor:
-        token = self.schedule.get(index)
+        token = self.pattern[(index + self.offset) % self.period]
         logits = logits.clone()
         if token is None:
             logits[self.markers] -= 1e4
@@ -84,10 +90,10 @@ def test_continuous_batching_with_preemption(model, toy_tokenizer, markers):
     hooks = {}
 
     def hook(seq, logits):
-        h = hooks.setdefault(
-            seq.prompt_index, ForceMarkers(markers, period=10 + seq.prompt_index % 3, offset=seq.prompt_index)
-        )
-        return h(seq, logits)
+        if seq.prompt_index not in hooks:
+            i = seq.prompt_index
+            hooks[i] = ForceMarkers(markers, period=10 + i % 3, offset=i)
+        return hooks[seq.prompt_index](seq, logits)
 
     prompts = _prompts(toy_tokenizer, 6)
     params = [SamplingParams(temperature=0, max_new_tokens=20 + 5 * i) for i in range(6)]
