@@ -169,3 +169,36 @@ def test_physical_removal_from_dynamic_cache(model, toy_tokenizer, markers, word
             ).logits
             slots.append(p)
             assert (logits[0, -1] - ref[p]).abs().max() <= TOL
+
+
+def test_batched_extend_equals_row_by_row(model, toy_tokenizer, markers, words):
+    """Batched prefill on its own: rows with different cached lengths (offsets), different chunk
+    lengths (padding), kill-time masks, and rows that are not contiguous give the same logits and
+    the same cache contents as one forward per row."""
+    rng = random.Random(4)
+    seqs = [header(toy_tokenizer, f"q{i}") + rng.choices(words, k=rng.randint(2, 9)) for i in range(4)]
+    first = [rng.randint(1, len(s) - 2) for s in seqs]  # tokens already cached per row
+    batched = Engine(model, toy_tokenizer, mode="full", max_batch_size=4)
+    single = Engine(model, toy_tokenizer, mode="full", max_batch_size=4)
+    kills = [{}, {0: 3, 1: first[1] + 1}, {}, {2: first[3] + 1}]
+    for engine in (batched, single):
+        engine.cache.num_rows = 0
+        for i, s in enumerate(seqs):
+            engine.cache.add_row()
+            engine.runner.extend(i, s[: first[i]], list(range(first[i])), list(range(first[i])))
+
+    def args(i):
+        pos = list(range(first[i], len(seqs[i])))
+        return [seqs[i][p] for p in pos], pos, list(range(len(seqs[i]))), kills[i]
+
+    rows = [3, 0, 1]  # not contiguous, not in order
+    got = batched.runner.extend_batch(rows, *zip(*(args(i) for i in rows), strict=True))
+    want = torch.stack([single.runner.extend(i, *args(i)) for i in rows])
+    assert (got - want).abs().max() <= TOL
+    for i in range(4):
+        assert batched.cache.lengths[i] == single.cache.lengths[i]
+        n = batched.cache.lengths[i]
+        for a, b in zip(
+            batched.cache.keys + batched.cache.values, single.cache.keys + single.cache.values, strict=True
+        ):
+            assert (a[i, :, :n] - b[i, :, :n]).abs().max() <= TOL

@@ -152,13 +152,14 @@ def test_budget_never_exceeded_no_request_lost(model, toy_tokenizer, markers):
     for budget in (60, 150):
         engine = Engine(model, toy_tokenizer, logits_hook=hook, kv_budget_tokens=budget, max_batch_size=6)
         sizes = []
-        real_execute = engine._execute
+        real_execute = engine._execute_many
 
-        def spy(seq, plan, real_execute=real_execute, engine=engine, sizes=sizes):
-            real_execute(seq, plan)
-            sizes.append(engine.cache.total_tokens())
+        def spy(items, real_execute=real_execute, engine=engine, sizes=sizes):
+            peak = real_execute(items)  # every cache op: batched prefill, evictions, recomputes
+            sizes.extend([engine.cache.total_tokens(), peak])  # peak: after each forward inside
+            return peak
 
-        engine._execute = spy
+        engine._execute_many = spy
         outs = engine.generate(prompts, params)
         assert sorted((o.prompt_index, o.sample) for o in outs) == [(i, 0) for i in range(8)]
         assert max(sizes) <= budget and engine.last_run["peak_total_kv"] <= budget

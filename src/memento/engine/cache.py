@@ -154,12 +154,24 @@ class BatchedKVCache(Cache):
         self._plan = ("decode", rows, torch.arange(rows, device=device), index, key_len)
         return key_len
 
-    def plan_extend(self, row: int, count: int) -> int:
-        """Next forward writes `count` tokens at the end of one row; returns the key length."""
-        offset = self.lengths[row]
-        self.reserve(length=offset + count)
-        self._plan = ("extend", row, offset, count)
-        return offset + count
+    def plan_extend(self, rows: list[int], counts: list[int], width: int) -> int:
+        """Next forward writes `width` tokens (right-padded) at the end of each of `rows`: row
+        `rows[i]` gets `counts[i]` real tokens; its padding lands in slots past its length, which
+        stay invalid. Returns the key length the attention will see (max offset + width)."""
+        offsets = [self.lengths[r] for r in rows]
+        key_len = max(offsets) + width
+        self.reserve(length=key_len)
+        first = rows[0]
+        contiguous = rows == list(range(first, first + len(rows)))
+        if contiguous and len(set(offsets)) == 1:  # fresh prompts admitted together: plain slices
+            self._plan = ("extend", rows, counts, (first, len(rows), offsets[0], width), key_len)
+        else:
+            device = self.device
+            row_index = torch.tensor(rows, device=device)
+            slot_index = torch.tensor(offsets, device=device)[:, None] + torch.arange(width, device=device)
+            view = (first, len(rows)) if contiguous else row_index
+            self._plan = ("scatter", rows, counts, (row_index[:, None], slot_index, view), key_len)
+        return key_len
 
     def commit(self) -> None:
         """Account for the tokens the last forward wrote."""
@@ -170,7 +182,8 @@ class BatchedKVCache(Cache):
             for r in range(plan[1]):
                 self.lengths[r] += 1
         else:
-            self.lengths[plan[1]] += plan[3]
+            for r, count in zip(plan[1], plan[2], strict=True):
+                self.lengths[r] += count
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         """Called by every attention layer: store the new keys/values, return what to attend to."""
@@ -178,15 +191,25 @@ class BatchedKVCache(Cache):
         plan = self._plan
         if plan is None:
             raise RuntimeError("BatchedKVCache.update called without a forward plan")
-        if plan[0] == "decode":
-            _, rows, row_index, slot_index, key_len = plan
+        kind, key_len = plan[0], plan[-1]
+        if kind == "decode":
+            _, rows, row_index, slot_index, _ = plan
             k[row_index, :, slot_index] = key_states[:, :, 0]
             v[row_index, :, slot_index] = value_states[:, :, 0]
             return k[:rows, :, :key_len], v[:rows, :, :key_len]
-        _, row, offset, count = plan
-        k[row : row + 1, :, offset : offset + count] = key_states
-        v[row : row + 1, :, offset : offset + count] = value_states
-        return k[row : row + 1, :, : offset + count], v[row : row + 1, :, : offset + count]
+        if kind == "extend":
+            first, n, offset, width = plan[3]
+            k[first : first + n, :, offset : offset + width] = key_states
+            v[first : first + n, :, offset : offset + width] = value_states
+            return k[first : first + n, :, :key_len], v[first : first + n, :, :key_len]
+        row_index, slot_index, view = plan[3]
+        # advanced indices around a slice: the indexed result is [rows, width, heads, dim]
+        k[row_index, :, slot_index] = key_states.transpose(1, 2)
+        v[row_index, :, slot_index] = value_states.transpose(1, 2)
+        if isinstance(view, tuple):
+            first, n = view
+            return k[first : first + n, :, :key_len], v[first : first + n, :, :key_len]
+        return k[view, :, :key_len], v[view, :, :key_len]
 
     # --- bits of the Cache interface a model may consult ----------------------------------
 

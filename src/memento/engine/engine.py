@@ -61,6 +61,7 @@ class Engine:
         kv_budget_tokens: int | None = None,
         max_batch_size: int = 16,
         prefill_chunk_tokens: int = 2048,
+        prefill_batch_tokens: int = 8192,
         logits_hook: LogitsHook | None = None,
     ) -> None:
         self.model = model.eval()
@@ -77,6 +78,7 @@ class Engine:
         self.kv_budget_tokens = kv_budget_tokens
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_batch_tokens = max(prefill_batch_tokens, prefill_chunk_tokens)
         self.logits_hook = logits_hook  # research/testing: rewrite one request's logits before sampling
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -246,13 +248,14 @@ class Engine:
             seq.row = None
 
         while scheduler.has_work:
-            for seq, plan in scheduler.admit():
+            admitted = scheduler.admit()
+            for seq, _ in admitted:
                 seq.row = self.cache.add_row()
                 if len(owners) < self.cache.row_capacity:
                     owners += [None] * (self.cache.row_capacity - len(owners))
                 owners[seq.row] = seq
-                self._execute(seq, plan)
-                peak_total = max(peak_total, self.cache.total_tokens())
+            if admitted:
+                peak_total = max(peak_total, self._execute_many(admitted))
             for seq in scheduler.preempt_for_growth():
                 release(seq)
                 seq.reset_cache()
@@ -319,20 +322,67 @@ class Engine:
 
     def _execute(self, seq: Sequence, plan: Plan) -> None:
         """Run a plan's cache ops for one sequence, then adopt its bookkeeping."""
-        if not plan.ops:
-            return
-        row = seq.row
-        for op in plan.ops:
-            if isinstance(op, EvictOp):
-                self.cache.remove_slots(row, op.first, op.last)
-                if op.truncate_to is not None:
-                    self.cache.truncate(row, op.truncate_to)
-            elif isinstance(op, ComputeOp):
-                self.runner.extend(
-                    row, [seq.tokens[p] for p in op.positions], op.positions, op.key_positions, op.kill
+        self._execute_many([(seq, plan)])
+
+    def _execute_many(self, items: list[tuple[Sequence, Plan]]) -> int:
+        """Run the plans of several sequences (requests admitted in the same step): each row's
+        evictions alone, the compute chunks of different rows batched into one padded forward
+        (round k runs every plan's k-th chunk). Plans are grouped in admission order so that the
+        sum of their transient peaks fits the KV budget (the scheduler checked them one at a time);
+        a group's forward holds at most `prefill_batch_tokens` padded tokens. Returns the most
+        cached tokens seen."""
+        items = [(s, p) for s, p in items if p.ops]
+        budget = self.kv_budget_tokens
+        peak = self.cache.total_tokens()
+        while items:
+            base = self.cache.total_tokens()
+            size = 1
+            if budget is None:
+                size = len(items)
+            else:
+                total = base + items[0][1].peak - items[0][0].cached
+                while size < len(items) and total + items[size][1].peak - items[size][0].cached <= budget:
+                    total += items[size][1].peak - items[size][0].cached
+                    size += 1
+            group, items = items[:size], items[size:]
+            peak = max(peak, self._execute_group(group))
+        return peak
+
+    def _execute_group(self, group: list[tuple[Sequence, Plan]]) -> int:
+        todo = [(seq, list(plan.ops)) for seq, plan in group]
+        peak = self.cache.total_tokens()
+        while todo:
+            chunks: list[tuple[Sequence, ComputeOp]] = []
+            for seq, ops in todo:
+                while ops and isinstance(ops[0], EvictOp):
+                    op = ops.pop(0)
+                    self.cache.remove_slots(seq.row, op.first, op.last)
+                    if op.truncate_to is not None:
+                        self.cache.truncate(seq.row, op.truncate_to)
+                if ops:
+                    chunks.append((seq, ops.pop(0)))
+            todo = [(seq, ops) for seq, ops in todo if ops]
+            while chunks:  # one forward per batch of at most prefill_batch_tokens padded tokens
+                batch = [chunks.pop(0)]
+                width = len(batch[0][1].positions)
+                while chunks:
+                    w = max(width, len(chunks[0][1].positions))
+                    if w * (len(batch) + 1) > self.prefill_batch_tokens:
+                        break
+                    batch.append(chunks.pop(0))
+                    width = w
+                self.runner.extend_batch(
+                    [seq.row for seq, _ in batch],
+                    [[seq.tokens[p] for p in op.positions] for seq, op in batch],
+                    [op.positions for _, op in batch],
+                    [op.key_positions for _, op in batch],
+                    [op.kill for _, op in batch],
                 )
-        seq.slot_pos, seq.applied, seq.computed = list(plan.slot_pos), plan.applied, plan.computed
-        assert self.cache.lengths[row] == len(seq.slot_pos), "cache and bookkeeping diverged"
+                peak = max(peak, self.cache.total_tokens())
+        for seq, plan in group:
+            seq.slot_pos, seq.applied, seq.computed = list(plan.slot_pos), plan.applied, plan.computed
+            assert self.cache.lengths[seq.row] == len(seq.slot_pos), "cache and bookkeeping diverged"
+        return peak
 
     def _output(self, seq: Sequence) -> RequestOutput:
         seconds = (seq.finished or time.perf_counter()) - seq.started

@@ -95,25 +95,69 @@ class ModelRunner:
         """Several tokens appended to one row (prefill, recompute). Query `q` sees key `k` iff
         `k <= q` and `q < kill[k]`, over the row's cached slots then the new tokens (logical
         positions in `key_positions`). Returns the logits of the last token (or of all)."""
-        count = len(token_ids)
-        self.cache.plan_extend(row, count)
-        q = torch.tensor(positions, device=self.device)[:, None]
-        k = torch.tensor(key_positions, device=self.device)[None, :]
-        allowed = k <= q
-        if kill:
-            kill_t = torch.full((len(key_positions),), torch.iinfo(torch.long).max, dtype=torch.long)
-            index = {p: i for i, p in enumerate(key_positions)}
-            for pos, t in kill.items():
-                if pos in index:
-                    kill_t[index[pos]] = t
-            allowed &= q < kill_t.to(self.device)[None, :]
+        if all_logits:
+            return self.extend_batch(
+                [row], [token_ids], [positions], [key_positions], [kill], all_logits=True
+            )[0]
+        return self.extend_batch([row], [token_ids], [positions], [key_positions], [kill])[0]
+
+    @torch.inference_mode()
+    def extend_batch(
+        self,
+        rows: list[int],
+        token_ids: list[list[int]],
+        positions: list[list[int]],
+        key_positions: list[list[int]],
+        kills: list[dict[int, int] | None],
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """`extend` for several rows in one forward (batched prefill): each row's new tokens are
+        right-padded to the longest; row i's query `q` sees its key `k` iff `k <= q` and
+        `q < kills[i][k]`. A padding query sees only its own slot (so it stays finite: its keys are
+        written past the row's length and never seen by real queries). Returns `[rows, V]` logits
+        of each row's last real token (`[rows, width, V]` for all positions with `all_logits`)."""
+        counts = [len(t) for t in token_ids]
+        if min(counts) < 1:
+            raise ValueError("extend_batch needs at least one token per row")
+        n, width = len(rows), max(counts)
+        offsets = [self.cache.lengths[r] for r in rows]
+        key_len = self.cache.plan_extend(rows, counts, width)
+        big = torch.iinfo(torch.long).max
+        q = torch.zeros(n, width, dtype=torch.long)
+        k = torch.full((n, key_len), big, dtype=torch.long)  # empty slots: after every query
+        kill = torch.full((n, key_len), big, dtype=torch.long)
+        ids = torch.zeros(n, width, dtype=torch.long)
+        for i, (count, offset) in enumerate(zip(counts, offsets, strict=True)):
+            if len(key_positions[i]) != offset + count:
+                raise ValueError(
+                    f"row {rows[i]}: {len(key_positions[i])} key positions for {offset} + {count} slots"
+                )
+            q[i, :count] = torch.tensor(positions[i])
+            ids[i, :count] = torch.tensor(token_ids[i])
+            k[i, : offset + count] = torch.tensor(key_positions[i])
+            if kills[i]:
+                index = {p: j for j, p in enumerate(key_positions[i])}
+                for pos, t in kills[i].items():
+                    if pos in index:
+                        kill[i, index[pos]] = t
+        allowed = (k[:, None, :] <= q[:, :, None]) & (q[:, :, None] < kill[:, None, :])
+        pad = torch.arange(width)[None, :] >= torch.tensor(counts)[:, None]  # [n, width]
+        if pad.any():
+            allowed &= ~pad[:, :, None]
+            slot = torch.tensor(offsets)[:, None] + torch.arange(width)[None, :]
+            allowed |= pad[:, :, None] & (torch.arange(key_len)[None, None, :] == slot[:, :, None])
+        last = torch.tensor(counts) - 1
+        keep = torch.unique(last)
         out = self._forward(
-            input_ids=torch.tensor(token_ids, device=self.device)[None, :],
-            position_ids=q.T,
-            attention_mask=self._mask(allowed[None, None]),
+            input_ids=ids.to(self.device),
+            position_ids=q.to(self.device),
+            attention_mask=self._mask(allowed[:, None].to(self.device)),
             past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=0 if all_logits else 1,
+            logits_to_keep=0 if all_logits else keep.to(self.device),
         )
         self.cache.commit()
-        return out.logits[0].float() if all_logits else out.logits[0, -1].float()
+        if all_logits:
+            return out.logits.float()
+        pick = torch.searchsorted(keep, last).to(self.device)
+        return out.logits[torch.arange(n, device=self.device), pick].float()
