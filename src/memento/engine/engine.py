@@ -48,7 +48,9 @@ def resolve_config(mode: str, masking: BlockMaskingConfig | None) -> BlockMaskin
 
 class Engine:
     """Generate with block eviction. Build with `Engine.from_pretrained(dir)` or from a loaded
-    model + tokenizer (`markers` may replace the tokenizer in tests)."""
+    model + tokenizer (`markers` may replace the tokenizer in tests). `prefill_batch_tokens` caps
+    the padded tokens of one batched-prefill forward; `direct_forward=False` keeps the HF forward
+    for Llama-family models too (see `memento.engine.direct`)."""
 
     def __init__(
         self,
@@ -63,6 +65,7 @@ class Engine:
         prefill_chunk_tokens: int = 2048,
         prefill_batch_tokens: int = 8192,
         logits_hook: LogitsHook | None = None,
+        direct_forward: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -94,7 +97,7 @@ class Engine:
             rows=max_batch_size,
             capacity=256,
         )
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, direct=direct_forward)
         self.stop_ids = self._default_stop_ids()
         self.last_run: dict = {}
 

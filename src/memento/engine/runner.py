@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from memento.engine.cache import BatchedKVCache
+from memento.engine.direct import DirectForward
 
 ATTENTION_NAME = "memento_sdpa"
 
@@ -37,18 +38,22 @@ def _register_attention() -> bool:
 class ModelRunner:
     """Runs an HF causal LM one step at a time against a `BatchedKVCache`."""
 
-    def __init__(self, model, cache: BatchedKVCache) -> None:
+    def __init__(self, model, cache: BatchedKVCache, direct: bool = True) -> None:
         self.model = model
         self.cache = cache
         self.device = cache.device
+        # Llama-family models run as plain tensor ops (same math, less per-step Python).
+        self.direct = DirectForward.build(model) if direct else None
         impl = getattr(model.config, "_attn_implementation", "sdpa")
         # SDPA takes a boolean mask as is; other kernels need an additive float mask.
-        self.bool_mask = impl == "sdpa"
+        self.bool_mask = impl == "sdpa" or self.direct is not None
         self.dtype = cache.dtype
         # While the engine runs the model, sdpa layers use the GQA-aware variant (same math).
         self.attention = ATTENTION_NAME if impl == "sdpa" and _register_attention() else None
 
     def _forward(self, **kwargs):
+        if self.direct is not None:
+            return self.direct(**kwargs)
         config = self.model.config
         if self.attention is None:
             return self.model(**kwargs)
