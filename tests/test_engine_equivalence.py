@@ -223,3 +223,28 @@ def test_direct_forward_matches_hf_forward(model, toy_tokenizer, markers, words)
     for key, rows in a.logits.items():
         for p, row in rows.items():
             assert (row - b.logits[key][p]).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("start,end", [(0, 3), (5, 30), (2, 3), (0, 1), (60, 70), (7, 7)])
+def test_remove_slots_moves_every_layer(start, end):
+    """Compaction on the stacked cache: short tails (moved in gap-sized pieces), long tails behind
+    a short gap (staged copy), an empty tail and an empty span; other rows untouched."""
+    from memento.engine.cache import BatchedKVCache
+
+    cache = BatchedKVCache(3, 2, 4, rows=3, capacity=8)
+    cache.num_rows = 0
+    for _ in range(3):
+        cache.add_row()
+    cache.reserve(length=70)
+    cache.lengths[:3] = [70, 70, 70]
+    with torch.inference_mode():
+        cache.storage.copy_(torch.randn(cache.storage.shape))
+        before = cache.storage.clone()
+        cache.remove_slots(1, start, end)
+    keep = [s for s in range(70) if not start <= s < end]
+    assert cache.lengths[:3] == [70, len(keep), 70]
+    assert torch.equal(cache.storage[:, :, 1, :, : len(keep)], before[:, :, 1, :, keep])
+    assert torch.equal(cache.storage[:, :, [0, 2]], before[:, :, [0, 2]])
+    assert torch.equal(cache.keys[2], cache.storage[2, 0]) and torch.equal(
+        cache.values[0], cache.storage[0, 1]
+    )

@@ -1,6 +1,7 @@
 """KV storage that can forget: a padded batched cache whose rows are compacted in place.
 
-Each layer holds keys/values as `[rows, kv_heads, capacity, head_dim]`; row `r` belongs to one
+Each layer holds keys/values as `[rows, kv_heads, capacity, head_dim]` (views of one tensor for the
+whole cache, `[layers, 2, rows, kv_heads, capacity, head_dim]`); row `r` belongs to one
 running request and its first `lengths[r]` slots are valid, in increasing logical order. Evicting a
 logical span removes a contiguous run of slots from one row (the tail moves left), so rows evict at
 different times without touching the rest of the batch. Running requests occupy rows `0..n-1`, so a
@@ -32,6 +33,9 @@ def remove_span(cache, start: int, end: int) -> None:
         layer.values = layer.values.index_select(2, keep)
 
 
+MAX_MOVE_CHUNKS = 64  # remove_slots: most non-overlapping pieces before staging the tail in a copy
+
+
 class BatchedKVCache(Cache):
     """Padded per-row KV cache with in-place row compaction (see the module docstring)."""
 
@@ -51,8 +55,7 @@ class BatchedKVCache(Cache):
         self.shape = (num_kv_heads, head_dim)
         self.dtype = dtype
         self.device = torch.device(device)
-        self.keys = [self._zeros(rows, capacity) for _ in range(num_layers)]
-        self.values = [self._zeros(rows, capacity) for _ in range(num_layers)]
+        self._set_storage(self._zeros(rows, capacity))
         self.lengths: list[int] = [0] * rows
         self.num_rows = 0  # rows 0..num_rows-1 are in use
         self._plan: tuple | None = None
@@ -61,18 +64,26 @@ class BatchedKVCache(Cache):
 
     @torch.inference_mode()
     def _zeros(self, rows: int, capacity: int) -> torch.Tensor:
+        """One tensor `[layers, 2 (keys, values), rows, kv_heads, capacity, head_dim]` for the whole
+        cache, so that moving a row's slots is one copy over every layer at once."""
         # Zeros, not empty: padded slots are masked out, but must stay finite (0 * NaN = NaN).
+        heads, dim = self.shape
         return torch.zeros(
-            rows, *self.shape[:1], capacity, self.shape[1], dtype=self.dtype, device=self.device
+            self.num_layers, 2, rows, heads, capacity, dim, dtype=self.dtype, device=self.device
         )
+
+    def _set_storage(self, storage: torch.Tensor) -> None:
+        self.storage = storage
+        self.keys = [storage[i, 0] for i in range(self.num_layers)]  # views `[rows, heads, cap, dim]`
+        self.values = [storage[i, 1] for i in range(self.num_layers)]
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        return self.storage.shape[4]
 
     @property
     def row_capacity(self) -> int:
-        return self.keys[0].shape[0]
+        return self.storage.shape[2]
 
     def total_tokens(self) -> int:
         """Valid cached tokens over all rows in use (what the KV budget counts)."""
@@ -91,11 +102,10 @@ class BatchedKVCache(Cache):
         if rows > self.row_capacity:
             rows = max(rows, 2 * self.row_capacity)
         self.lengths += [0] * (rows - len(self.lengths))
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                new = self._zeros(rows, cap)
-                new[: old.shape[0], :, : old.shape[2]] = old
-                store[i] = new
+        old = self.storage
+        new = self._zeros(rows, cap)
+        new[:, :, : old.shape[2], :, : old.shape[4]] = old
+        self._set_storage(new)
 
     def add_row(self) -> int:
         """Claim the next free row (empty) and return its index."""
@@ -114,9 +124,7 @@ class BatchedKVCache(Cache):
         moved = None
         if row != last:
             n = self.lengths[last]
-            for store in (self.keys, self.values):
-                for t in store:
-                    t[row, :, :n] = t[last, :, :n]
+            self.storage[:, :, row, :, :n] = self.storage[:, :, last, :, :n]
             self.lengths[row] = n
             moved = last
         self.lengths[last] = 0
@@ -130,13 +138,19 @@ class BatchedKVCache(Cache):
         end = min(end, n)
         if end <= start:
             return
-        tail = n - end
-        if tail:
-            for store in (self.keys, self.values):
-                for t in store:
-                    # clone: source and destination overlap when the tail is longer than the gap
-                    t[row, :, start : start + tail] = t[row, :, end:n].clone()
-        self.lengths[row] = n - (end - start)
+        tail, gap = n - end, end - start
+        cells = self.storage[:, :, row]  # [layers, 2, heads, capacity, dim]: every layer at once
+        if tail and tail <= MAX_MOVE_CHUNKS * gap:
+            # left to right in pieces no longer than the gap: a piece never overlaps its own
+            # destination, and only overwrites slots already moved (one pass over the tail)
+            for src in range(end, n, gap):
+                count = min(gap, n - src)
+                dst = src - gap
+                cells[:, :, :, dst : dst + count] = cells[:, :, :, src : src + count]
+        elif tail:  # a short gap before a long tail: stage it, per layer (contiguous per head)
+            for t in self.keys + self.values:
+                t[row, :, start : start + tail] = t[row, :, end:n].clone()
+        self.lengths[row] = n - gap
 
     def truncate(self, row: int, length: int) -> None:
         """Keep only the first `length` slots of `row` (restart mode rewinds)."""
