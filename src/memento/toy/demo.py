@@ -50,37 +50,37 @@ class Profile:
     heads: int
     kv_heads: int
     train_seconds: float  # total over the three trainings (control, stage 1, stage 2)
-    batch_size: int = 16
-    lr: float = 3e-3  # from scratch (control)
-    finetune_lr: float = 1e-3  # stage 1 and stage 2, starting from the control model
+    batch_size: int = 6  # small batches, many steps: what a tiny model learns fastest from on a CPU
+    lr: float = 5e-3  # from scratch (control)
+    finetune_lr: float = 2e-3  # stage 1 and stage 2, starting from the control model
+    shares: tuple[float, float, float] = (0.6, 0.15, 0.25)  # of train_seconds: control, stage 1, stage 2
     n_examples: int = 3
     eval_batch: int = 32
-    max_new: int = 0  # 0 = derived from the longest held-out problem
+    max_new: int = 0  # 0 = derived from the longest held-out solution
+    digits: int = 3
 
     @property
     def task(self) -> ChainTask:
-        return ChainTask(block_steps=self.block_steps, min_steps=1, max_steps=self.max_steps)
-
-    def max_new_tokens(self) -> int:
-        """Room for the longest held-out solution plus slack (a rambling model stops here)."""
-        if self.max_new:
-            return self.max_new
-        return 60 * self.test_max_steps + 20 * math.ceil(self.test_max_steps / self.block_steps) + 64
+        return ChainTask(
+            digits=self.digits, block_steps=self.block_steps, min_steps=1, max_steps=self.max_steps
+        )
 
 
-# Share of the training budget per run. As in the paper, MEMENTO fine-tunes a model that can
-# already reason: the control model (the same traces without markers) is our base reasoner;
-# stage 1 teaches it blocks and mementos, stage 2 to live with the evictions.
-BUDGET_SHARES = {"control": 0.55, "stage1": 0.2, "stage2": 0.25}
+# Why the budget is split unevenly (`Profile.shares`): as in the paper, MEMENTO fine-tunes a model
+# that can already reason. The control model (the same traces without markers, from scratch) is
+# our base reasoner; stage 1 teaches it blocks and mementos, stage 2 to live with the evictions.
+RUNS = ("control", "stage1", "stage2")
+
 
 PROFILES: dict[str, Profile] = {
     "default": Profile(
-        "default", block_steps=4, max_steps=16, test_min_steps=12, test_max_steps=16,
-        n_train=12000, n_test=100, layers=4, hidden=128, heads=4, kv_heads=2, train_seconds=780,
+        "default", digits=2, block_steps=2, max_steps=12, test_min_steps=10, test_max_steps=12,
+        n_train=12000, n_test=200, layers=4, hidden=128, heads=4, kv_heads=2, train_seconds=870,
     ),
     "quick": Profile(
-        "quick", block_steps=2, max_steps=8, test_min_steps=6, test_max_steps=8,
-        n_train=4000, n_test=32, layers=4, hidden=128, heads=4, kv_heads=2, train_seconds=170,
+        "quick", digits=2, block_steps=2, max_steps=12, test_min_steps=10, test_max_steps=12,
+        n_train=4000, n_test=48, layers=4, hidden=128, heads=4, kv_heads=2, train_seconds=170,
+        shares=(0.45, 0.25, 0.3),
     ),
     # Tests only: seconds, not minutes; checks the plumbing, not the learning.
     "smoke": Profile(
@@ -141,7 +141,7 @@ class Stages:
 def check_resumable(cfg: DemoConfig) -> None:
     """Refuse to mix stages from a run with other settings (say which, and how to start over)."""
     path = cfg.out / "demo_config.json"
-    want = cfg.fingerprint()
+    want = json.loads(json.dumps(cfg.fingerprint()))  # as it reads back (tuples become lists)
     if path.is_file():
         have = json.loads(path.read_text())
         if have != want:
@@ -392,7 +392,7 @@ def stage_train(cfg: DemoConfig, ui: Ui, run: str) -> dict:
     from memento.train import SFTConfig, train
 
     s, paths = cfg.settings, _paths(cfg)
-    seconds = s.train_seconds * BUDGET_SHARES[run]
+    seconds = s.train_seconds * s.shares[RUNS.index(run)]
     fmt, stage, start = {
         "control": ("control", "full", paths["base"]),
         "stage1": ("memento", "full", paths["control"]),
@@ -490,7 +490,9 @@ def stage_eval(cfg: DemoConfig, ui: Ui) -> dict:
     for name, model_dir, mode in runs:
         engine = Engine.from_pretrained(str(model_dir), mode=mode, max_batch_size=s.eval_batch)
         prompts = [engine.chat_prompt([{"role": "user", "content": task.prompt(p)}]) for p in problems]
-        sampling = SamplingParams(temperature=0.0, max_new_tokens=s.max_new_tokens())
+        sampling = SamplingParams(
+            temperature=0.0, max_new_tokens=max_new_tokens(s, engine.tokenizer, problems)
+        )
         with ui.progress() as bar, torch.inference_mode():
             task_id = bar.add_task(f"  eval {MODE_LABELS[name]}", total=len(prompts), info="")
             t0 = time.perf_counter()
@@ -528,6 +530,14 @@ def stage_eval(cfg: DemoConfig, ui: Ui) -> dict:
         ui.log(f"  {MODE_LABELS[name]}: accuracy {acc:.1%} · {tokens / wall:,.0f} tokens/s")
         del engine
     return summary
+
+
+def max_new_tokens(s: Profile, tokenizer, problems: list[ChainProblem]) -> int:
+    """Room for the longest reference solution plus a quarter (a rambling model stops there)."""
+    if s.max_new:
+        return s.max_new
+    longest = max(len(tokenizer.encode(s.task.trace(p).render(), add_special_tokens=False)) for p in problems)
+    return int(longest * 1.25) + 32
 
 
 def _block_token_counts(tokenizer, text: str, mode: str) -> dict[str, int]:
@@ -598,7 +608,7 @@ def stage_report(cfg: DemoConfig, ui: Ui, stages: Stages) -> dict:
         "seed": cfg.seed,
         "settings": asdict(s),
         "task": {
-            "name": "addition chain x <- (x + b) mod 1000, digits least-significant first",
+            "name": f"addition chain x <- (x + b) mod {s.task.modulus}, digits least-significant first",
             "example_prompt": s.task.prompt(read_test(_paths(cfg)["test"])[0]),
         },
         "modes": modes,

@@ -89,10 +89,12 @@ class ChainTask:
     # -- text ----------------------------------------------------------------------------------
 
     def prompt(self, p: ChainProblem) -> str:
-        """The user message. The varying part is short and at the very end (next to the answer)."""
+        """The user message: short (it stays in the KV cache all along), the varying part at the
+        very end, next to where the first step copies it. "Digits reversed" = least significant
+        first, so additions run left to right with the carry."""
         d = self.digits
         return (
-            f"Repeat x = x + b mod {self.modulus}, n times. Digits are least significant first. "
+            f"x = x + b mod {self.modulus}, n times; digits reversed. "
             f"n={p.n:02d} x={lsb(p.x0, d)} b={lsb(p.b, d)}"
         )
 
