@@ -226,3 +226,21 @@ def test_from_pretrained_and_chat_prompt(toy_model_dir):
     assert prompt.endswith("<|im_start|>assistant\n")
     (out,) = engine.generate([prompt], SamplingParams(max_new_tokens=5, seed=1))
     assert len(out.output_ids) <= 5 and out.tokens_per_s > 0 and isinstance(out.text, str)
+
+
+def test_batched_sampling_equals_row_by_row():
+    """The sampling filters run batched over rows sharing their params; every row still draws
+    exactly what it would alone from its own generator."""
+    from memento.engine.sampling import make_generator, sample_rows, sample_token
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0)) * 3
+    for params in (
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.3, top_k=20, top_p=0.9, min_p=0.02),
+        SamplingParams(top_p=0.5),
+    ):
+        for _ in range(3):
+            batched = sample_rows(logits, params, [make_generator(s)[0] for s in range(5)]).tolist()
+            alone = [sample_token(logits[s], params, make_generator(s)[0]) for s in range(5)]
+            assert batched == alone
+            logits = logits.roll(7, dims=-1)

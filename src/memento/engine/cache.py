@@ -59,6 +59,7 @@ class BatchedKVCache(Cache):
         self.lengths: list[int] = [0] * rows
         self.num_rows = 0  # rows 0..num_rows-1 are in use
         self._plan: tuple | None = None
+        self._arange: torch.Tensor | None = None
 
     # --- storage management ---------------------------------------------------------------
 
@@ -158,14 +159,18 @@ class BatchedKVCache(Cache):
 
     # --- forward plans (set by the runner right before a model call) ----------------------
 
-    def plan_decode(self, rows: int) -> int:
-        """Next forward writes one token per row `0..rows-1` at each row's end; returns the key
-        length the attention will see (max row length + 1)."""
+    def plan_decode(self, rows: int, slots: torch.Tensor | None = None) -> int:
+        """Next forward writes one token per row `0..rows-1` at each row's end (`slots`: the row
+        lengths as a tensor on the cache's device, if the caller has it); returns the key length
+        the attention will see (max row length + 1)."""
         key_len = max(self.lengths[:rows]) + 1
         self.reserve(length=key_len)
         device = self.device
-        index = torch.tensor(self.lengths[:rows], device=device)
-        self._plan = ("decode", rows, torch.arange(rows, device=device), index, key_len)
+        if slots is None:
+            slots = torch.tensor(self.lengths[:rows], device=device)
+        if self._arange is None or self._arange.shape[0] < rows:
+            self._arange = torch.arange(max(rows, self.row_capacity), device=device)
+        self._plan = ("decode", rows, self._arange[:rows], slots, key_len)
         return key_len
 
     def plan_extend(self, rows: list[int], counts: list[int], width: int) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from memento.engine.cache import BatchedKVCache
 from memento.engine.runner import ModelRunner
-from memento.engine.sampling import SamplingParams, make_generator, sample_token
+from memento.engine.sampling import SamplingParams, make_generator, sample_rows
 from memento.engine.scheduler import Scheduler
 from memento.engine.sequence import ComputeOp, EvictOp, Plan, RequestOutput, Sequence
 from memento.masking import BlockMaskingConfig
@@ -270,12 +270,11 @@ class Engine:
             )
             steps += 1
             peak_total = max(peak_total, self.cache.total_tokens())
-            greedy = torch.argmax(logits, dim=-1).tolist()
-            for i, seq in enumerate(running):
+            tokens = self._pick_all(running, logits)
+            for seq, token in zip(running, tokens, strict=True):
                 seq.slot_pos.append(seq.pending_position)
                 seq.computed = seq.pending_position + 1
                 seq.kv_trace.append(seq.cached)
-                token = self._pick(seq, logits[i], greedy[i])
                 seq.append(token)
                 done = self._finish_reason(seq, token)
                 if done:
@@ -299,17 +298,25 @@ class Engine:
         }
         return [outputs[s.request_id] for s in sorted(seqs, key=lambda s: (s.prompt_index, s.sample))]
 
-    def _pick(self, seq: Sequence, logits: torch.Tensor, greedy: int) -> int:
+    def _pick_all(self, running: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """The next token of every running row: one argmax over the batch, the sampling filters
+        batched over the rows that share their SamplingParams, one host transfer each."""
         if self.logits_hook is not None:
-            logits = self.logits_hook(seq, logits)
-            greedy = int(torch.argmax(logits))
-        if seq.script is not None:
-            return seq.script[len(seq.output_ids)]
-        if seq.cap.must_close:
-            return self.markers.block_end
-        if seq.params.greedy:
-            return greedy
-        return sample_token(logits, seq.params, seq.generator)
+            logits = torch.stack([self.logits_hook(seq, logits[i]) for i, seq in enumerate(running)])
+        tokens = torch.argmax(logits, dim=-1).tolist()
+        sampled: dict[SamplingParams, list[int]] = {}
+        for i, seq in enumerate(running):
+            if seq.script is not None:
+                tokens[i] = seq.script[len(seq.output_ids)]
+            elif seq.cap.must_close:
+                tokens[i] = self.markers.block_end
+            elif not seq.params.greedy:
+                sampled.setdefault(seq.params, []).append(i)
+        for params, rows in sampled.items():
+            drawn = sample_rows(logits[rows], params, [running[i].generator for i in rows])
+            for i, token in zip(rows, drawn.tolist(), strict=True):
+                tokens[i] = token
+        return tokens
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         n_out = len(seq.tokens) - seq.prompt_len

@@ -74,12 +74,13 @@ class ModelRunner:
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each row `0..n-1`, appended at each row's end; returns `[n, V]` logits."""
         n = len(token_ids)
-        lengths = torch.tensor(self.cache.lengths[:n], device=self.device)
-        key_len = self.cache.plan_decode(n)
-        allowed = torch.arange(key_len, device=self.device) <= lengths[:, None]
+        # one host-to-device transfer per step: tokens, positions, row lengths (= write slots)
+        step = torch.tensor([token_ids, positions, self.cache.lengths[:n]], device=self.device)
+        key_len = self.cache.plan_decode(n, step[2])
+        allowed = torch.arange(key_len, device=self.device) <= step[2, :, None]
         out = self._forward(
-            input_ids=torch.tensor(token_ids, device=self.device)[:, None],
-            position_ids=torch.tensor(positions, device=self.device)[:, None],
+            input_ids=step[0, :, None],
+            position_ids=step[1, :, None],
             attention_mask=self._mask(allowed[:, None, None, :]),
             past_key_values=self.cache,
             use_cache=True,

@@ -58,20 +58,21 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> tupl
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p on one row of logits (float32 `[V]`)."""
+    """Temperature, then top-k, top-p and min-p, row by row on float32 logits `[..., V]` (one row
+    or a batch of rows that share `params`: every op works along the last dim only)."""
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
+        kth = torch.topk(logits, params.top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
         drop = (probs.cumsum(-1) - probs) >= params.top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if params.min_p > 0.0:
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+        logits = logits.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
 
 
@@ -81,3 +82,12 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         return int(torch.argmax(logits))
     probs = filter_logits(logits.float(), params).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_rows(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+) -> torch.Tensor:
+    """One token per row of `logits` `[n, V]` (rows sharing `params`): the filters run batched, then
+    each row draws from its own generator (so a request's draw never depends on its batch)."""
+    probs = filter_logits(logits.float(), params).softmax(-1)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)])
