@@ -66,7 +66,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class DirectForward:
     """`model(input_ids, position_ids, attention_mask, past_key_values, logits_to_keep)` for a
-    supported decoder, with a boolean 4-D mask and the engine's cache. Build with `build(model)`,
+    supported decoder, with a boolean 4-D mask (or None: causal over fresh rows of the cache) and
+    the engine's cache. Build with `build(model)`,
     which returns None for a model it does not support."""
 
     def __init__(self, model) -> None:
@@ -109,6 +110,7 @@ class DirectForward:
                 keys,
                 values,
                 attn_mask=attention_mask,
+                is_causal=attention_mask is None and width > 1,  # no mask: a fresh causal prefill
                 scale=attn.scaling,
                 enable_gqa=q.shape[1] != keys.shape[1],
             )
