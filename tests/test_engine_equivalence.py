@@ -248,3 +248,40 @@ def test_remove_slots_moves_every_layer(start, end):
     assert torch.equal(cache.keys[2], cache.storage[2, 0]) and torch.equal(
         cache.values[0], cache.storage[0, 1]
     )
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_direct_forward_other_llama_family(arch, toy_tokenizer, markers, words):
+    """The direct forward on the other supported architectures (Qwen2: q/k/v biases, no q/k norm;
+    Llama) meets the dense Stage-2 reference computed by the HF forward."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+    }[arch]
+    cfg = config_cls(
+        vocab_size=len(toy_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    cfg._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        other = model_cls(cfg).eval()
+        with torch.no_grad():
+            for name, p in other.named_parameters():
+                if name.endswith("bias"):  # Qwen2's q/k/v biases start at zero: make them count
+                    p.normal_(0.0, 0.5)
+                elif p.dim() == 1:  # norm weights: sharper attention
+                    p.mul_(4.0)
+    masking = BlockMaskingConfig(keep_last_n_blocks=0)
+    pairs = _streams(toy_tokenizer, markers, words, seed=8, count=3, prompt_blocks=1)
+    engine = Engine(other, toy_tokenizer, masking=masking, max_batch_size=4, prefill_chunk_tokens=9)
+    assert engine.runner.direct is not None
+    _check(engine, other, pairs, markers, masking)
