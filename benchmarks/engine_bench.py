@@ -1,7 +1,12 @@
 """Engine benchmarks (not unit tests): decode speed vs HF `generate`, MEMENTO vs full attention under
 one KV budget (teacher-forced replay of block-structured streams), and the cost of one eviction.
 
-    .venv/bin/python benchmarks/engine_bench.py --out benchmarks/results/engine_bench.json
+    .venv/bin/python benchmarks/engine_bench.py --threads 1 --repeats 5 --out benchmarks/results/engine_bench.json
+
+Decode speed: the engine and HF `generate` run side by side in one process, alternating (which
+goes first alternates too), median of `--repeats` runs each; wall and process CPU time are both
+recorded (on a shared machine CPU time is the less load-sensitive of the two), with the load
+average at the start and the end.
 
 The model is a randomly initialised Qwen3 built from a config (no download): big enough that
 compute matters on a CPU, small enough to run in minutes. Numbers depend on the machine and its
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import random
 import statistics
@@ -75,14 +81,15 @@ def bench_decode(model, tokenizer, batch: int, prompt_len: int, new_tokens: int,
     params = SamplingParams(temperature=0, max_new_tokens=new_tokens)
     ids = torch.tensor(prompts)
 
-    def run_engine(new: int = new_tokens) -> float:
-        t = time.perf_counter()
+    def run_engine(new: int = new_tokens) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
         outs = engine.generate(prompts, dataclasses.replace(params, max_new_tokens=new))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         assert all(len(o.output_ids) == new for o in outs)
-        return time.perf_counter() - t
+        return wall, cpu
 
-    def run_hf(new: int = new_tokens) -> float:
-        t = time.perf_counter()
+    def run_hf(new: int = new_tokens) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             out = model.generate(
                 ids,
@@ -92,22 +99,32 @@ def bench_decode(model, tokenizer, batch: int, prompt_len: int, new_tokens: int,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         assert out.shape[1] == prompt_len + new
-        return time.perf_counter() - t
+        return wall, cpu
 
     run_engine(4), run_hf(4)  # warm-up (kernel set-up for these shapes)
-    eng = [run_engine() for _ in range(repeats)]
-    hf = [run_hf() for _ in range(repeats)]
+    eng, hf = [], []
+    for i in range(repeats):  # side by side, alternating which goes first
+        pair = (run_engine, run_hf) if i % 2 == 0 else (run_hf, run_engine)
+        first, second = pair[0](), pair[1]()
+        eng.append(first if i % 2 == 0 else second)
+        hf.append(second if i % 2 == 0 else first)
     tokens = batch * new_tokens
-    e, h = min(eng), min(hf)
+    e, h = statistics.median(w for w, _ in eng), statistics.median(w for w, _ in hf)
+    ec, hc = statistics.median(c for _, c in eng), statistics.median(c for _, c in hf)
     return {
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
+        "repeats": repeats,
         "engine_tok_s": round(tokens / e, 1),
         "hf_generate_tok_s": round(tokens / h, 1),
         "speedup": round(h / e, 2),
-        "note": "wall time includes the prefill of the prompts, for both",
+        "speedup_cpu_time": round(hc / ec, 2),
+        "engine_wall_s": [round(w, 3) for w, _ in eng],
+        "hf_wall_s": [round(w, 3) for w, _ in hf],
+        "note": "medians of alternating runs; wall time includes the prefill of the prompts, for both",
     }
 
 
@@ -222,6 +239,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--only", default="decode,replay,eviction", help="comma-separated parts to run")
+    ap.add_argument("--repeats", type=int, default=3, help="decode: alternating runs per side (median)")
+    ap.add_argument("--cases", default=None, help="decode cases as batch:prompt:new,... (default: 4 cases)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -233,6 +252,7 @@ def main() -> None:
         "model": f"Qwen3 {args.layers} layers, d={args.hidden}, random init, fp32",
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     parts = set(args.only.split(","))
     if args.out and args.out.exists():  # keep the parts not re-run
@@ -240,9 +260,11 @@ def main() -> None:
     cases = [(1, 64, 128), (16, 64, 128), (1, 1024, 256), (16, 1024, 256)]
     if quick:
         cases = [(1, 64, 32), (16, 64, 32)]
+    if args.cases:
+        cases = [tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")]
     if "decode" in parts:
         result["decode"] = [
-            bench_decode(model, tokenizer, b, prompt_len=p, new_tokens=n, repeats=1 if quick or p > 64 else 2)
+            bench_decode(model, tokenizer, b, prompt_len=p, new_tokens=n, repeats=args.repeats)
             for b, p, n in cases
         ]
         print(json.dumps(result["decode"], indent=1), flush=True)
@@ -254,6 +276,7 @@ def main() -> None:
             for cached in (2000, 16000)
         ]
         print(json.dumps(result["eviction"], indent=1), flush=True)
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
