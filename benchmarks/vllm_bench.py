@@ -8,9 +8,9 @@ once and preempts) while the plugin, which returns each evicted block to the poo
 
 Each (engine, concurrency, repetition) runs in its own fresh Python process: an untimed warm-up
 request first, then the timed batch. Repetitions alternate the engine order; the table reports
-medians. Run in the vLLM venv (about 6 minutes on 2 cores with the defaults):
+medians. Run in the vLLM venv (about 7 minutes on 2 cores; 2 repetitions, the default, take about 5):
 
-    .venv-vllm/bin/python benchmarks/vllm_bench.py --out benchmarks/vllm_bench_results.json
+    .venv-vllm/bin/python benchmarks/vllm_bench.py --reps 3 --out benchmarks/vllm_bench_results.json
 """
 
 from __future__ import annotations
