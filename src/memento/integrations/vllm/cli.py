@@ -28,26 +28,30 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """vLLM's OpenAI-compatible server with MEMENTO block masking (extra args go to vllm serve)."""
         import json
+        import shlex
 
         from memento.integrations.vllm.serve import build_command, serve
 
+        try:
+            memento = json.loads(memento_config)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"not valid JSON: {exc}", param_hint="--memento-config") from exc
+        if not isinstance(memento, dict):
+            raise typer.BadParameter("must be a JSON object", param_hint="--memento-config")
         if dry_run:
-            typer.echo(
-                " ".join(
-                    build_command(
-                        model,
-                        memento=json.loads(memento_config),
-                        host=host,
-                        port=port,
-                        device=device,
-                        python=python,
-                        extra=list(ctx.args),
-                    )
-                )
+            command = build_command(
+                model,
+                memento=memento,
+                host=host,
+                port=port,
+                device=device,
+                python=python,
+                extra=list(ctx.args),
             )
+            typer.echo(shlex.join(command))  # quoted, so it can be pasted into a shell as is
             return
         if device == "cuda":
             import os
 
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-        serve(model, memento_config, host=host, port=port, device=device, python=python, extra=list(ctx.args))
+        serve(model, memento, host=host, port=port, device=device, python=python, extra=list(ctx.args))

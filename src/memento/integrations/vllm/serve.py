@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import os
 import sys
 from pathlib import Path
@@ -60,11 +61,8 @@ def build_command(
     ]
 
 
-def serve(model: str, memento_json: str | None = None, **kwargs: Any) -> None:
+def serve(model: str, memento: dict, **kwargs: Any) -> None:
     """Replace this process with the vLLM server."""
-    memento = json.loads(memento_json) if memento_json else {}
-    if not isinstance(memento, dict):
-        raise SystemExit("--memento-config must be a JSON object")
     command = build_command(model, memento=memento, **kwargs)
-    print(" ".join(command), file=sys.stderr, flush=True)
+    print(shlex.join(command), file=sys.stderr, flush=True)
     os.execv(command[0], command)
