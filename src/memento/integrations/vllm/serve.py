@@ -8,9 +8,8 @@ the plugin's flags; nothing from vLLM is imported here. KV usage is vLLM's own `
 from __future__ import annotations
 
 import importlib.util
-import json
-import shlex
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
