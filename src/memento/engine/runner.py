@@ -148,7 +148,10 @@ class ModelRunner:
                         kill[i, index[pos]] = t
         last = torch.tensor(counts) - 1
         keep = torch.unique(last)
-        if self.direct is not None and max(offsets) == 0 and len(keep) == 1 and not any(kills):
+        causal = (
+            max(offsets) == 0 and len(keep) == 1 and not any(kills) and list(key_positions) == list(positions)
+        )
+        if self.direct is not None and causal:
             # fresh rows, no padding, no kill times: the mask is plain causal (keys = queries, in
             # increasing position order), which SDPA computes without a mask and half the work
             out = self.direct(
