@@ -138,7 +138,7 @@ def parse(text: str, problem: str = "") -> tuple[MementoTrace, list[FormatProble
         body, answer = text[body_start:end], text[end + len(THINK_END) :]
         if any(m in answer for m in MARKERS):
             problems.append(FormatProblem(MARKER_AFTER_THINK, end))
-        answer = answer.lstrip("\n")
+        answer = answer.removeprefix(_AFTER_THINK_END)
 
     blocks: list[Block] = []
     reasoning: str | None = None  # a closed block waiting for its memento
