@@ -20,6 +20,9 @@ def demo_command(
         None, "--minutes", help="Total training minutes (control + stage 1 + stage 2); more learns more."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for data and model initialisation."),
+    threads: int = typer.Option(
+        1, "--threads", help="torch CPU threads; one is fastest for this tiny model on a busy machine."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print report.json instead of the table."),
     smoke: bool = typer.Option(False, "--smoke", hidden=True, help="Seconds-long plumbing check (tests)."),
 ) -> None:
@@ -32,7 +35,7 @@ def demo_command(
 
     profile = "smoke" if smoke else "quick" if quick else "default"
     try:
-        cfg = DemoConfig(out=out, profile=profile, minutes=minutes, seed=seed)
+        cfg = DemoConfig(out=out, profile=profile, minutes=minutes, seed=seed, threads=threads)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     # Bound to the real stream: the demo silences library prints by redirecting sys.stdout.

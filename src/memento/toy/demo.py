@@ -1,9 +1,9 @@
 """`memento demo`: train a tiny MEMENTO model from scratch on a CPU and show the KV sawtooth.
 
 Stages (each leaves a marker in DIR/stages/, so a re-run resumes after the last finished one):
-data (tokenizer, tiny base model, traces) -> control (from scratch, full attention, the traces
-without markers) -> stage1 (from the control model, full attention on Memento traces) -> stage2
-(Stage-2 block mask) -> eval (engine: control in full mode,
+data (tokenizer, tiny base model, traces) -> base (from scratch, full attention, the traces
+without markers: a model that can reason) -> control (the base trained on, same format) and
+stage1 (the base on Memento traces, full attention) -> stage2 (Stage-2 block mask) -> eval (engine: control in full mode,
 the Memento model in memento and restart modes, on held-out problems) -> report (table, JSON,
 plots). The models end up in DIR/model-control/ and DIR/model-memento/ as ordinary HF directories.
 """
@@ -24,7 +24,7 @@ from typing import Any
 from memento.format import MARKERS, THINK_END, THINK_START, parse, write_traces
 from memento.toy.tasks import TEST, TRAIN, ChainProblem, ChainTask
 
-STAGES = ("data", "control", "stage1", "stage2", "eval", "report")
+STAGES = ("data", "base", "control", "stage1", "stage2", "eval", "report")
 MODES = ("control", "memento", "restart")  # control = the Control model with full attention
 MODE_LABELS = {
     "control": "control (full attention)",
@@ -53,7 +53,8 @@ class Profile:
     batch_size: int = 6  # small batches, many steps: what a tiny model learns fastest from on a CPU
     lr: float = 5e-3  # from scratch (control)
     finetune_lr: float = 2e-3  # stage 1 and stage 2, starting from the control model
-    shares: tuple[float, float, float] = (0.6, 0.15, 0.25)  # of train_seconds: control, stage 1, stage 2
+    # Of train_seconds: base, control, stage 1, stage 2 (control and stage 1 + 2 get equal time).
+    shares: tuple[float, float, float, float] = (0.45, 0.275, 0.1, 0.175)
     n_examples: int = 3
     eval_batch: int = 32
     max_new: int = 0  # 0 = derived from the longest held-out solution
@@ -66,21 +67,22 @@ class Profile:
         )
 
 
-# Why the budget is split unevenly (`Profile.shares`): as in the paper, MEMENTO fine-tunes a model
-# that can already reason. The control model (the same traces without markers, from scratch) is
-# our base reasoner; stage 1 teaches it blocks and mementos, stage 2 to live with the evictions.
-RUNS = ("control", "stage1", "stage2")
+# Why four runs (`Profile.shares`): as in the paper, MEMENTO fine-tunes a model that can already
+# reason. The base learns the task from scratch on the traces without markers; from it, the
+# control trains on (same format) for as long as stage 1 + stage 2 teach the MEMENTO model blocks,
+# mementos and life with evictions, so both final models have had the same training time.
+RUNS = ("base", "control", "stage1", "stage2")
 
 
 PROFILES: dict[str, Profile] = {
     "default": Profile(
         "default", digits=2, block_steps=2, max_steps=12, test_min_steps=10, test_max_steps=12,
-        n_train=12000, n_test=200, layers=4, hidden=128, heads=4, kv_heads=2, train_seconds=870,
+        n_train=12000, n_test=200, layers=4, hidden=128, heads=4, kv_heads=2, train_seconds=1000,
     ),
     "quick": Profile(
         "quick", digits=2, block_steps=2, max_steps=12, test_min_steps=10, test_max_steps=12,
-        n_train=4000, n_test=48, layers=4, hidden=128, heads=4, kv_heads=2, train_seconds=170,
-        shares=(0.45, 0.25, 0.3),
+        n_train=4000, n_test=48, layers=4, hidden=128, heads=4, kv_heads=2, train_seconds=220,
+        shares=(0.4, 0.225, 0.15, 0.225),
     ),
     # Tests only: seconds, not minutes; checks the plumbing, not the learning.
     "smoke": Profile(
@@ -99,10 +101,13 @@ class DemoConfig:
     profile: str = "default"
     minutes: float | None = None
     seed: int = 0
+    threads: int = 1  # torch CPU threads; not part of the fingerprint (results do not depend on it)
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
+        if self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.minutes is not None and not self.minutes > 0:
             raise ValueError(f"--minutes must be positive, got {self.minutes}")
         object.__setattr__(self, "out", Path(self.out))
@@ -216,10 +221,11 @@ def _run_stages(cfg: DemoConfig, ui: Ui) -> dict:
     torch.manual_seed(cfg.seed)
     steps: list[tuple[str, Callable[[], dict]]] = [
         ("data", lambda: stage_data(cfg, ui)),
-        ("control", lambda: _threaded(ui, stage_train, cfg, ui, "control")),
-        ("stage1", lambda: _threaded(ui, stage_train, cfg, ui, "stage1")),
-        ("stage2", lambda: _threaded(ui, stage_train, cfg, ui, "stage2")),
-        ("eval", lambda: _threaded(ui, stage_eval, cfg, ui)),
+        ("base", lambda: _threaded(ui, cfg.threads, stage_train, cfg, ui, "base")),
+        ("control", lambda: _threaded(ui, cfg.threads, stage_train, cfg, ui, "control")),
+        ("stage1", lambda: _threaded(ui, cfg.threads, stage_train, cfg, ui, "stage1")),
+        ("stage2", lambda: _threaded(ui, cfg.threads, stage_train, cfg, ui, "stage2")),
+        ("eval", lambda: _threaded(ui, cfg.threads, stage_eval, cfg, ui)),
         ("report", lambda: stage_report(cfg, ui, stages)),
     ]
     for name, fn in steps:
@@ -237,18 +243,14 @@ def _run_stages(cfg: DemoConfig, ui: Ui) -> dict:
 
 
 @contextlib.contextmanager
-def cpu_threads(ui: Ui):
-    """Run a stage with the fastest torch thread count right now (restored afterwards).
+def cpu_threads(ui: Ui, threads: int):
+    """Run a stage with `threads` torch threads (restored afterwards).
 
-    A tiny model's matmuls are small: on a shared CPU, threads that wait for each other can make
-    two threads several times slower than one, so we time both instead of trusting the core count."""
+    Why one by default: a tiny model's matmuls are small, and on a shared CPU threads that wait
+    for each other made two threads ~4x slower than one here (1,300 vs 5,100 tokens/s training)."""
     import torch
 
-    if torch.cuda.is_available():
-        yield None
-        return
     before = torch.get_num_threads()
-    threads = fastest_thread_count()
     torch.set_num_threads(threads)
     ui.log(f"  [dim]{threads} CPU thread{'s' if threads > 1 else ''}[/dim]")
     try:
@@ -257,37 +259,8 @@ def cpu_threads(ui: Ui):
         torch.set_num_threads(before)
 
 
-def fastest_thread_count(max_threads: int = 4) -> int:
-    """Time a small forward/backward-like workload with 1 thread and with all cores (up to 4)."""
-    import os
-
-    import torch
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    candidates = sorted({1, max(1, min(max_threads, cores))})
-    if len(candidates) == 1:
-        return 1
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2048, 128, generator=gen)
-    w = torch.randn(128, 384, generator=gen)
-    timings = {}
-    for threads in candidates:
-        torch.set_num_threads(threads)
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            for _ in range(10):
-                h = x @ w
-                _ = h @ w.T
-            best = min(best, time.perf_counter() - start)
-        timings[threads] = best
-    # More threads only when clearly faster (a tie goes to one thread: less exposed to other load).
-    many = candidates[-1]
-    return many if timings[many] < 0.8 * timings[1] else 1
-
-
-def _threaded(ui: Ui, fn: Callable[..., dict], *args) -> dict:
-    with cpu_threads(ui) as threads:
+def _threaded(ui: Ui, threads: int, fn: Callable[..., dict], *args) -> dict:
+    with cpu_threads(ui, threads):
         result = fn(*args)
     result["threads"] = threads
     return result
@@ -296,7 +269,8 @@ def _threaded(ui: Ui, fn: Callable[..., dict], *args) -> dict:
 def _paths(cfg: DemoConfig) -> dict[str, Path]:
     out = cfg.out
     return {
-        "base": out / "work" / "base-model",
+        "init": out / "work" / "init-model",
+        "base": out / "work" / "base",
         "train_memento": out / "data" / "train.jsonl",
         "test": out / "data" / "test.jsonl",
         "control": out / "model-control",
@@ -332,7 +306,7 @@ def stage_data(cfg: DemoConfig, ui: Ui) -> dict:
         max_position=2048,
         seed=cfg.seed,
     )
-    save_toy_model(paths["base"], tokenizer, model)
+    save_toy_model(paths["init"], tokenizer, model)
     train = task.problems(s.n_train, split=TRAIN, seed=cfg.seed)
     test = task.problems(
         s.n_test, split=TEST, seed=cfg.seed, min_steps=s.test_min_steps, max_steps=s.test_max_steps
@@ -386,19 +360,20 @@ def _time_budget_callback(seconds: float, peak_lr: float, on_step: Callable[[flo
 
 
 def stage_train(cfg: DemoConfig, ui: Ui, run: str) -> dict:
-    """One training run through `memento.train`: control (format control, stage full, from
-    scratch), stage1 (format memento, stage full, from control) or stage2 (format memento, stage
-    memento, from stage1)."""
+    """One training run through `memento.train`: base (format control, stage full, from scratch),
+    control (the same, from base), stage1 (format memento, stage full, from base) or stage2
+    (format memento, stage memento, from stage1)."""
     from memento.train import SFTConfig, train
 
     s, paths = cfg.settings, _paths(cfg)
     seconds = s.train_seconds * s.shares[RUNS.index(run)]
     fmt, stage, start = {
+        "base": ("control", "full", paths["init"]),
         "control": ("control", "full", paths["base"]),
-        "stage1": ("memento", "full", paths["control"]),
+        "stage1": ("memento", "full", paths["base"]),
         "stage2": ("memento", "memento", paths["stage1"]),
     }[run]
-    peak_lr = s.lr if run == "control" else s.finetune_lr
+    peak_lr = s.lr if run == "base" else s.finetune_lr
     out = paths[run]
     if out.exists():
         shutil.rmtree(out)  # an unfinished earlier attempt: start the run over
@@ -420,7 +395,8 @@ def stage_train(cfg: DemoConfig, ui: Ui, run: str) -> dict:
         seed=cfg.seed,
         progress=False,
     )
-    label = {"control": "control (full attention, no markers)", "stage1": "stage 1 (full attention)",
+    label = {"base": "base (from scratch, no markers)", "control": "control (from base, no markers)",
+             "stage1": "stage 1 (from base, full attention)",
              "stage2": "stage 2 (memento mask)"}[run]  # fmt: skip
     with ui.progress() as bar:
         task_id = bar.add_task(f"  train {label}", total=1.0, info="")
@@ -601,7 +577,7 @@ def stage_report(cfg: DemoConfig, ui: Ui, stages: Stages) -> dict:
         )
         modes[m]["auc_kv_reduction"] = control["auc_kv"] / modes[m]["auc_kv"] if modes[m]["auc_kv"] else None
     timings = {name: (stages.done(name) or {}).get("seconds") for name in STAGES if name != "report"}
-    train_info = {name: stages.done(name) for name in ("control", "stage1", "stage2")}
+    train_info = {name: stages.done(name) for name in RUNS}
     plots = write_plots(cfg.out, records, modes)
     report = {
         "profile": s.name,
