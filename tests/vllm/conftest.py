@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 SKIP_REASON = "vLLM is not installed in this venv; run scripts/setup-vllm.sh, then .venv-vllm/bin/python -m pytest tests/vllm"
 
 _spec = importlib.util.find_spec("vllm")
@@ -21,3 +23,26 @@ if HAVE_VLLM:
     # In-process engine core: faster start-up on 2 cores, and tests can inspect the scheduler.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     sys.path.insert(0, str(Path(__file__).parent))  # the _toy helpers
+
+
+# Shared by the test modules; module scope, so each module gets its own checkpoint and `LLM`.
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The toy Qwen3 with sharpened attention (see _toy.make_sharp_checkpoint)."""
+    from _toy import make_sharp_checkpoint
+
+    return make_sharp_checkpoint(tmp_path_factory.mktemp("sharp_toy"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def markers(tokenizer):
+    from memento.tokens import MarkerIds
+
+    return MarkerIds.from_tokenizer(tokenizer)

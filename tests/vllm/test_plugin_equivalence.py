@@ -16,7 +16,7 @@ if not HAVE_VLLM:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
 import torch  # noqa: E402
-from _toy import HFReference, make_sharp_checkpoint  # noqa: E402
+from _toy import HFReference  # noqa: E402
 
 from memento.integrations.vllm import CPU_WORKER_CLS, SCHEDULER_CLS  # noqa: E402
 from memento.integrations.vllm.logits import FORCE_KEY  # noqa: E402
@@ -25,23 +25,6 @@ from memento.tokens import MarkerIds  # noqa: E402
 
 TOL = 1e-4
 BLOCK = 32
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_sharp_checkpoint(tmp_path_factory.mktemp("sharp_toy"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def markers(tokenizer) -> MarkerIds:
-    return MarkerIds.from_tokenizer(tokenizer)
 
 
 @pytest.fixture(scope="module")
