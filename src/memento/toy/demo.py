@@ -54,7 +54,7 @@ class Profile:
     lr: float = 5e-3  # from scratch (control)
     finetune_lr: float = 2e-3  # stage 1 and stage 2, starting from the control model
     # Of train_seconds: base, control, stage 1, stage 2 (control and stage 1 + 2 get equal time).
-    shares: tuple[float, float, float, float] = (0.45, 0.275, 0.1, 0.175)
+    shares: tuple[float, float, float, float] = (0.3, 0.35, 0.15, 0.2)
     n_examples: int = 3
     eval_batch: int = 32
     max_new: int = 0  # 0 = derived from the longest held-out solution
