@@ -11,6 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from memento.jsonl import read_jsonl
+
 THINK_START = "<think>"
 THINK_END = "</think>"
 BLOCK_START = "<|block_start|>"
@@ -266,16 +268,12 @@ def segments_to_trace(record: dict, source: str = "<record>") -> MementoTrace:
 
 def read_traces(path: str | Path) -> list[MementoTrace]:
     """Read a JSONL file of traces; a bad line raises ValueError with file, line and reason."""
-    path = Path(path)
     traces = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                traces.append(MementoTrace.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, ValueError) as exc:
-                raise ValueError(f"{path}:{lineno}: {exc}") from exc
+    for where, record in read_jsonl(path, "traces file"):
+        try:
+            traces.append(MementoTrace.from_dict(record))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
     return traces
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from memento.format import MementoTrace, parse, segments_to_trace
+from memento.jsonl import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,11 @@ def _record_to_generation(record: object, name: str) -> Generation:
 
 def load_generations(path: Path) -> list[Generation]:
     """Read JSONL (one generation per line) or a JSON file (one record or a list of records)."""
-    try:
-        raw = path.read_text()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc}") from exc
     if path.suffix == ".json":
+        try:
+            raw = path.read_text()
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read: {exc}") from exc
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as exc:
@@ -63,20 +64,12 @@ def load_generations(path: Path) -> list[Generation]:
             for i, r in enumerate(records)
         ]
     out = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON: {exc}") from exc
-        name = (
-            str(record.get("id", f"{path.name}:{lineno}")) if isinstance(record, dict) else f"{path}:{lineno}"
-        )
+    for where, record in read_jsonl(path):
+        name = str(record.get("id", Path(where).name)) if isinstance(record, dict) else where
         try:
             out.append(_record_to_generation(record, name))
         except ValueError as exc:
-            raise ValueError(f"{path}:{lineno}: {exc}") from exc
+            raise ValueError(f"{where}: {exc}") from exc
     if not out:
         raise ValueError(f"{path}: no records found")
     return out

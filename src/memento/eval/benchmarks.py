@@ -8,10 +8,11 @@ responses are graded.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from memento.jsonl import read_jsonl
 
 KINDS = ("math", "choice")
 PROBLEM_FIELDS = ("problem", "question", "prompt", "input")
@@ -96,20 +97,9 @@ def load_benchmark(
     path = Path(path)
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown benchmark kind {kind!r}; use one of {', '.join(KINDS)}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read benchmark file: {exc}") from exc
     problems: list[Problem] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON: {exc}") from exc
+    for where, record in read_jsonl(path, "benchmark file"):
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object per line")
         pf = _pick(record, problem_field, PROBLEM_FIELDS, "problem", "--problem-field", where)

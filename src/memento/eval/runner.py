@@ -18,6 +18,7 @@ from pathlib import Path
 from memento.eval.benchmarks import Benchmark, Problem
 from memento.eval.grading import grade
 from memento.eval.kv_metrics import MODES, Retokenizer, block_stats, compress_trace, replay_kv, token_counter
+from memento.jsonl import read_jsonl
 
 RESULTS = "results.jsonl"
 RUN_CONFIG = "run_config.json"
@@ -319,18 +320,7 @@ def read_responses(
     out: list[ResponseRecord] = []
     seen: set[Key] = set()
     counters: dict[tuple[str, str], int] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read responses file: {exc}") from exc
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON: {exc}") from exc
+    for where, rec in read_jsonl(path, "responses file"):
         if not isinstance(rec, dict) or "id" not in rec or "response" not in rec:
             raise ValueError(f"{where}: each line needs 'id' and 'response'")
         pid = str(rec["id"])
