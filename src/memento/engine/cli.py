@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from memento.jsonl import read_jsonl
+
 MODE_HELP = "full (vanilla attention, blocks only tracked) | memento (evict blocks) | restart (ablation)"
 
 
@@ -37,21 +39,15 @@ def _fail(message: str) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        _fail(f"cannot read {path}: {exc}")
+    """The records of a JSONL file, or exit with a message naming the file and line."""
     records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            _fail(f"{path}:{n}: not valid JSON ({exc}); expected one JSON object per line")
-        if not isinstance(record, dict):
-            _fail(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
+    try:
+        for where, record in read_jsonl(path):
+            if not isinstance(record, dict):
+                _fail(f"{where}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    except ValueError as exc:
+        _fail(f"{exc}; expected one JSON object per line")
     if not records:
         _fail(f"{path} holds no records")
     return records
