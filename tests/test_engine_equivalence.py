@@ -20,6 +20,7 @@ from engine_helpers import (
     text_ids,
 )
 from memento.engine import Engine
+from memento.hf import with_cache
 from memento.masking import BlockMaskingConfig, evictions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,7 +166,7 @@ def test_physical_removal_from_dynamic_cache(model, toy_tokenizer, markers, word
                 remove_span(cache, first, last)
                 del slots[first:last]
             logits = model(
-                input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[p]]), past_key_values=cache
+                input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[p]]), **with_cache(model, cache)
             ).logits
             slots.append(p)
             assert (logits[0, -1] - ref[p]).abs().max() <= TOL

@@ -7,7 +7,7 @@ logical span removes a contiguous run of slots from one row (the tail moves left
 different times without touching the rest of the batch. Running requests occupy rows `0..n-1`, so a
 batched decode reads plain slices (no gather copy of the whole cache per step).
 
-The cache is handed to an HF model as `past_key_values`: the model only calls `update()`, which
+The cache is handed to an HF model as its cache argument (`memento.hf.with_cache`): the model only calls `update()`, which
 writes the new keys at each row's own offset and returns the view the attention needs; the engine
 supplies the matching boolean mask. `remove_span` below is the compaction primitive for a stock
 `transformers.DynamicCache` as well.
@@ -204,8 +204,10 @@ class BatchedKVCache(Cache):
             for r, count in zip(plan[1], plan[2], strict=True):
                 self.lengths[r] += count
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        """Called by every attention layer: store the new keys/values, return what to attend to."""
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Called by every attention layer: store the new keys/values, return what to attend to.
+        (Extra arguments differ between transformers releases: `cache_kwargs` positionally before
+        5.24, `kwargs=` from 5.24 on; neither carries anything this cache needs.)"""
         k, v = self.keys[layer_idx], self.values[layer_idx]
         plan = self._plan
         if plan is None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from memento.engine.cache import BatchedKVCache
 from memento.engine.direct import DirectForward
+from memento.hf import cache_argument
 
 ATTENTION_NAME = "memento_sdpa"
 
@@ -50,10 +51,12 @@ class ModelRunner:
         self.dtype = cache.dtype
         # While the engine runs the model, sdpa layers use the GQA-aware variant (same math).
         self.attention = ATTENTION_NAME if impl == "sdpa" and _register_attention() else None
+        self.cache_arg = cache_argument(model)
 
     def _forward(self, **kwargs):
         if self.direct is not None:
             return self.direct(**kwargs)
+        kwargs[self.cache_arg] = kwargs.pop("past_key_values")
         config = self.model.config
         if self.attention is None:
             return self.model(**kwargs)
