@@ -240,7 +240,7 @@ def test_batched_sampling_equals_row_by_row():
         SamplingParams(top_p=0.5),
     ):
         for _ in range(3):
-            batched = sample_rows(logits, params, [make_generator(s)[0] for s in range(5)]).tolist()
+            batched = sample_rows(logits, params, [make_generator(s)[0] for s in range(5)])[0].tolist()
             alone = [sample_token(logits[s], params, make_generator(s)[0]) for s in range(5)]
             assert batched == alone
             logits = logits.roll(7, dims=-1)

@@ -54,7 +54,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _output_record(out, markers) -> dict:
-    return {
+    record = {
         "prompt_index": out.prompt_index,
         "sample": out.sample,
         "token_ids": out.token_ids,
@@ -70,6 +70,11 @@ def _output_record(out, markers) -> dict:
         "tokens_per_s": round(out.tokens_per_s, 2),
         "seed": out.seed,
     }
+    if out.logprobs is not None:
+        record["logprobs"] = out.logprobs
+    if out.forced is not None:
+        record["forced"] = out.forced
+    return record
 
 
 def generate(
@@ -113,10 +118,18 @@ def generate(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per request."),
+    logprobs: bool = typer.Option(
+        False,
+        "--logprobs",
+        help="With --json: add `logprobs` (per output token, under the sampling distribution used) "
+        "and `forced` (tokens the engine imposed, e.g. a capped <|block_end|>).",
+    ),
 ) -> None:
     """Generate with block eviction; prints the text with markers visible."""
     if (prompt is None) == (prompts is None):
         _fail("give exactly one of --prompt TEXT or --prompts FILE")
+    if logprobs and not as_json:
+        _fail("--logprobs adds fields to the --json records; pass --json too")
     from memento.engine import Engine, SamplingParams
 
     try:
@@ -135,6 +148,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             seed=seed,
             n=n,
+            logprobs=logprobs,
         )
         engine = Engine.from_pretrained(
             model,

@@ -188,8 +188,10 @@ class Engine:
         progress: Callable[[RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
         """Teacher forcing: feed given output token streams through the real model compute as if
-        they were sampled (same scheduler, eviction and budget), to measure KV and speed on
-        realistic block structure without a trained model."""
+        they were sampled (same scheduler, eviction and budget). Fills `RequestOutput.logprobs`
+        with the model's log-softmax at each given token under this engine's mode and masking
+        (scoring / perplexity under eviction); also measures KV and speed on realistic block
+        structure without a trained model."""
         if len(outputs) != len(prompts):
             raise ValueError(f"got {len(outputs)} output streams for {len(prompts)} prompts")
         seqs = []
@@ -270,11 +272,14 @@ class Engine:
             )
             steps += 1
             peak_total = max(peak_total, self.cache.total_tokens())
-            tokens = self._pick_all(running, logits)
-            for seq, token in zip(running, tokens, strict=True):
+            tokens, scores = self._pick_all(running, logits)
+            for seq, token, score in zip(running, tokens, scores, strict=True):
                 seq.slot_pos.append(seq.pending_position)
                 seq.computed = seq.pending_position + 1
                 seq.kv_trace.append(seq.cached)
+                if score is not None:
+                    seq.logprobs.append(score[0])
+                    seq.forced.append(score[1])
                 seq.append(token)
                 done = self._finish_reason(seq, token)
                 if done:
@@ -298,25 +303,43 @@ class Engine:
         }
         return [outputs[s.request_id] for s in sorted(seqs, key=lambda s: (s.prompt_index, s.sample))]
 
-    def _pick_all(self, running: list[Sequence], logits: torch.Tensor) -> list[int]:
+    def _pick_all(
+        self, running: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[int], list[tuple[float, bool] | None]]:
         """The next token of every running row: one argmax over the batch, the sampling filters
-        batched over the rows that share their SamplingParams, one host transfer each."""
+        batched over the rows that share their SamplingParams, one host transfer each. Also, for
+        rows that asked for them, `(logprob, forced)` of the picked token (see `RequestOutput`)."""
         if self.logits_hook is not None:
             logits = torch.stack([self.logits_hook(seq, logits[i]) for i, seq in enumerate(running)])
         tokens = torch.argmax(logits, dim=-1).tolist()
+        forced = [False] * len(running)
         sampled: dict[SamplingParams, list[int]] = {}
         for i, seq in enumerate(running):
             if seq.script is not None:
                 tokens[i] = seq.script[len(seq.output_ids)]
             elif seq.cap.must_close:
                 tokens[i] = self.markers.block_end
+                forced[i] = True
             elif not seq.params.greedy:
                 sampled.setdefault(seq.params, []).append(i)
+        drawn_logprobs: dict[int, float] = {}
         for params, rows in sampled.items():
-            drawn = sample_rows(logits[rows], params, [running[i].generator for i in rows])
+            drawn, scores = sample_rows(logits[rows], params, [running[i].generator for i in rows])
             for i, token in zip(rows, drawn.tolist(), strict=True):
                 tokens[i] = token
-        return tokens
+            if scores is not None:
+                drawn_logprobs.update(zip(rows, scores.tolist(), strict=True))
+        wanted = [i for i, seq in enumerate(running) if seq.wants_logprobs and i not in drawn_logprobs]
+        out: list[tuple[float, bool] | None] = [None] * len(running)
+        if wanted:  # the model's own log-softmax at the picked token: one gather, one transfer
+            rows = torch.tensor(wanted, device=logits.device)
+            picked = torch.tensor([tokens[i] for i in wanted], device=logits.device)
+            own = logits[rows].float().log_softmax(-1).gather(-1, picked[:, None])[:, 0].tolist()
+            drawn_logprobs.update(zip(wanted, own, strict=True))
+        for i, seq in enumerate(running):
+            if seq.wants_logprobs:
+                out[i] = (drawn_logprobs[i], forced[i])
+        return tokens, out
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         n_out = len(seq.tokens) - seq.prompt_len
@@ -413,4 +436,6 @@ class Engine:
             seconds=seconds,
             tokens_per_s=len(out_ids) / seconds if seconds > 0 else 0.0,
             seed=seq.seed,
+            logprobs=list(seq.logprobs) if seq.wants_logprobs else None,
+            forced=list(seq.forced) if seq.params.logprobs and seq.script is None else None,
         )

@@ -16,7 +16,8 @@ import torch
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. `temperature=0` is greedy; `top_k=0`, `top_p=1`, `min_p=0` disable
-    those filters; `n` samples per prompt (sample k uses seed `seed + k`)."""
+    those filters; `n` samples per prompt (sample k uses seed `seed + k`). `logprobs=True` fills
+    `RequestOutput.logprobs` and `RequestOutput.forced` (see `RequestOutput`)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -26,6 +27,7 @@ class SamplingParams:
     n: int = 1
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -40,6 +42,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be true or false, got {self.logprobs!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
@@ -86,8 +90,15 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 
 def sample_rows(
     logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One token per row of `logits` `[n, V]` (rows sharing `params`): the filters run batched, then
-    each row draws from its own generator (so a request's draw never depends on its batch)."""
-    probs = filter_logits(logits.float(), params).softmax(-1)
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)])
+    each row draws from its own generator (so a request's draw never depends on its batch).
+
+    Returns the tokens and, with `params.logprobs`, the log-probability of each drawn token under
+    the distribution it was drawn from (after temperature and filters), else None."""
+    filtered = filter_logits(logits.float(), params)
+    probs = filtered.softmax(-1)
+    tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)])
+    if not params.logprobs:
+        return tokens, None
+    return tokens, filtered.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]

@@ -23,7 +23,21 @@ from memento.tokens import MarkerIds
 
 @dataclass
 class RequestOutput:
-    """One finished request (one sample of one prompt)."""
+    """One finished request (one sample of one prompt).
+
+    `logprobs` (with `SamplingParams(logprobs=True)`, and always from `Engine.replay`): one float
+    per output token, computed from the logits the engine picked that token from (this mode, this
+    masking config, the evictions applied so far):
+
+    * a sampled token: its log-probability under the distribution it was drawn from (temperature,
+      top-k, top-p and min-p applied), the behaviour policy an RL update needs;
+    * a greedy token (temperature 0), a forced token, and every token of a replay: the model's own
+      log-softmax at that token (temperature 1, no filters).
+
+    `forced` (with `SamplingParams(logprobs=True)`; None from replay, whose tokens are all given):
+    True for a token the engine chose instead of the model, i.e. the `<|block_end|>` that
+    `max_block_tokens` imposes.
+    """
 
     prompt_index: int
     sample: int
@@ -39,6 +53,8 @@ class RequestOutput:
     seconds: float
     tokens_per_s: float
     seed: int | None = None
+    logprobs: list[float] | None = None
+    forced: list[bool] | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -98,6 +114,8 @@ class Sequence:
     computed: int = 0  # every retained position before this one is cached
     row: int | None = None
     kv_trace: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # per output token (when asked for)
+    forced: list[bool] = field(default_factory=list)  # per output token (when asked for)
     num_preemptions: int = 0
     finish_reason: str | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -123,6 +141,10 @@ class Sequence:
     def pending_position(self) -> int:
         """Position of the token the next decode step consumes."""
         return len(self.tokens) - 1
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.params.logprobs or self.script is not None
 
     @property
     def cached(self) -> int:
