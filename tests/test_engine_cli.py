@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from engine_helpers import one_thread  # noqa: F401 (fixture)
 from memento.cli import app
-from memento.masking import BlockMaskingConfig, kv_stats
+from memento.kv import kv_stats
+from memento.masking import BlockMaskingConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

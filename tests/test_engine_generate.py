@@ -17,7 +17,8 @@ from engine_helpers import (
     text_ids,
 )
 from memento.engine import Engine, SamplingParams
-from memento.masking import BlockMaskingConfig, kv_stats
+from memento.kv import kv_stats
+from memento.masking import BlockMaskingConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

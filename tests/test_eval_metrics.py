@@ -6,7 +6,6 @@ import math
 
 import pytest
 
-from memento.eval.kv_metrics import block_stats, compress_trace, expand_trace
 from memento.eval.metrics import (
     compare_runs,
     coverage,
@@ -17,6 +16,7 @@ from memento.eval.metrics import (
     pass1,
     pass_at_k,
 )
+from memento.kv import block_stats, compress_trace, expand_trace
 
 
 def test_pass_at_k_hand_cases():

@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from memento.cli import app
-from memento.kv import PRESETS, analyse, kv_bytes_per_token
-from memento.masking import BlockMaskingConfig, kv_occupancy
+from memento.kv import PRESETS, analyse, kv_bytes_per_token, kv_occupancy
+from memento.masking import BlockMaskingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "memento-outputs"

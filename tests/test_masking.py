@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memento.kv import kv_occupancy, kv_stats
 from memento.masking import (
     BlockLengthCap,
     BlockMaskingConfig,
@@ -16,8 +17,6 @@ from memento.masking import (
     attention_mask,
     evictions,
     kill_times,
-    kv_occupancy,
-    kv_stats,
 )
 from memento.tokens import MarkerIds
 
@@ -345,3 +344,20 @@ def test_incremental_tracker_equals_whole_sequence(token_ids, cfg):
         for t in token_ids:
             live.extend(tracker.feed(t))
         assert live == evictions(token_ids, M, cfg)
+
+
+def test_config_for_mode_is_the_one_mode_mapping():
+    from memento.masking import MODES, config_for_mode
+
+    assert MODES == ("full", "memento", "restart")
+    assert config_for_mode("full") == BlockMaskingConfig.full()
+    assert config_for_mode("restart") == BlockMaskingConfig(restart_mode=True)
+    assert config_for_mode("memento") == BlockMaskingConfig()
+    keep1 = BlockMaskingConfig(keep_last_n_blocks=1, mask_delimiters=True)
+    assert config_for_mode("memento", keep1) is keep1
+    full = config_for_mode("full", keep1)
+    assert full.keep_last_n_blocks == -1 and full.mask_delimiters and not full.evicts
+    with pytest.raises(ValueError, match="needs mode='restart'"):
+        config_for_mode("memento", BlockMaskingConfig(restart_mode=True))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        config_for_mode("control")

@@ -1,18 +1,101 @@
-"""KV accounting: how many cached tokens (and bytes) a generation needs with and without MEMENTO.
+"""KV accounting: how many tokens (and bytes) a generation keeps cached, with and without MEMENTO.
 
-Everything is derived from `memento.masking` replaying the token stream, so these numbers are the
-ones the engine's live trace produces, exactly.
+The one home of every KV count in the project — per-position occupancy, peak and AUC of a trace,
+bytes per token of a model shape, block sizes and compression, the run-length form of traces —
+used by `memento kv`, `memento eval` and the vLLM validation. Counts replay the token stream
+through `memento.masking.BlockTracker`, the tracker the engine evicts with, so they equal the
+engine's live trace exactly.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from memento.masking import BlockMaskingConfig, BlockTracker, kv_stats
+from memento.format import parse
+from memento.masking import BlockMaskingConfig, BlockTracker, config_for_mode
 from memento.tokens import MarkerIds
+
+# --- occupancy, peak and AUC ---------------------------------------------------------------------
+
+
+def _as_list(token_ids: Sequence[int]) -> list[int]:
+    """Plain ints from a list or a (flattened) tensor, without importing torch here."""
+    if hasattr(token_ids, "reshape"):
+        token_ids = token_ids.reshape(-1).tolist()
+    return [int(t) for t in token_ids]
+
+
+def kv_occupancy(
+    token_ids: Sequence[int], markers: MarkerIds, config: BlockMaskingConfig | None = None
+) -> list[int]:
+    """Cached tokens right after computing each position: `(p + 1) - |evicted spans triggered <= p|`."""
+    tracker = BlockTracker(markers, config)
+    occupancy = []
+    for p, t in enumerate(_as_list(token_ids)):
+        tracker.feed(t)
+        occupancy.append(p + 1 - tracker.removed)
+    return occupancy
+
+
+@dataclass(frozen=True)
+class KVStats:
+    """KV usage of one generation. `trace[i]` = cached tokens when generated token i was sampled."""
+
+    trace: list[int]
+    peak: int
+    auc: int
+
+    @classmethod
+    def from_trace(cls, trace: list[int]) -> KVStats:
+        return cls(trace, max(trace, default=0), sum(trace))
+
+
+def kv_stats(
+    token_ids: Sequence[int], markers: MarkerIds, config: BlockMaskingConfig | None, prompt_len: int
+) -> KVStats:
+    """Peak and area-under-curve (token·steps) of the KV cache over the generated part."""
+    ids = _as_list(token_ids)
+    if not 1 <= prompt_len <= len(ids):
+        raise ValueError(f"prompt_len must be between 1 and {len(ids)}, got {prompt_len}")
+    occupancy = kv_occupancy(ids, markers, config)
+    return KVStats.from_trace(occupancy[prompt_len - 1 : len(ids) - 1])
+
+
+def replay_kv(token_ids: Sequence[int], prompt_len: int, markers, mode: str) -> tuple[int, int, list[int]]:
+    """(peak, auc, trace) of one generation replayed under `mode`'s masking rule (defaults)."""
+    if len(token_ids) <= prompt_len:
+        return prompt_len, 0, []
+    stats = kv_stats(list(token_ids), markers, config_for_mode(mode), max(prompt_len, 1))
+    return stats.peak, stats.auc, stats.trace
+
+
+def paged_blocks(tokens: int, block_size: int) -> int:
+    """KV pages a paged cache (vLLM) holds for `tokens` cached tokens: a page stays while any of its
+    `block_size` slots is in use, so the last one may be partly empty."""
+    return -(-tokens // block_size)
+
+
+def compress_trace(trace: Sequence[int]) -> list[list[int]]:
+    """Run-length form of a KV trace: [start, length] runs that grow by one token per step.
+
+    A sawtooth of 30k steps becomes one pair per eviction, small enough for results.jsonl."""
+    runs: list[list[int]] = []
+    for value in trace:
+        if runs and value == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([int(value), 1])
+    return runs
+
+
+def expand_trace(runs: Sequence[Sequence[int]]) -> list[int]:
+    return [start + i for start, length in runs for i in range(length)]
+
+
+# --- bytes per token of a model shape -------------------------------------------------------------
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1, "fp8": 1}
 
@@ -54,6 +137,38 @@ def kv_bytes_per_token(model_config: str | Path | dict | None = None, preset: st
         raise ValueError(f"model config lacks {exc.args[0]!r}, needed for KV bytes per token") from exc
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
     return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 2)
+
+
+# --- block sizes and compression from the text ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    blocks: int
+    block_tokens: int
+    memento_tokens: int
+    basis: str  # "tokens" or "chars"
+
+    @property
+    def compression(self) -> float | None:
+        """Memento size per block size (lower = denser mementos); None without finished blocks."""
+        return self.memento_tokens / self.block_tokens if self.block_tokens else None
+
+
+def block_stats(text: str, count: Callable[[str], int] | None = None) -> BlockStats:
+    """Count finished (block, memento) pairs in a response; `count` measures text in tokens."""
+    trace, _problems = parse(text or "")
+    pairs = [b for b in trace.blocks if b.memento.strip()]
+    measure = count or len
+    return BlockStats(
+        blocks=len(pairs),
+        block_tokens=sum(measure(b.reasoning) for b in pairs),
+        memento_tokens=sum(measure(b.memento) for b in pairs),
+        basis="tokens" if count is not None else "chars",
+    )
+
+
+# --- whole traces: full attention vs MEMENTO ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -126,3 +241,29 @@ def analyse(
         memento_trace=memento.trace,
         full_trace=full.trace,
     )
+
+
+def summarize_traces(results: Sequence[TraceKV], bytes_per_token: int | None = None) -> dict:
+    """Totals over several generations: the largest peaks, summed AUCs, pooled compression."""
+    full_peak = max(r.full_peak for r in results)
+    memento_peak = max(r.memento_peak for r in results)
+    full_auc = sum(r.full_auc for r in results)
+    memento_auc = sum(r.memento_auc for r in results)
+    block_tokens = sum(r.block_tokens for r in results)
+    out = {
+        "generations": len(results),
+        "full_peak_kv": full_peak,
+        "memento_peak_kv": memento_peak,
+        "peak_reduction": full_peak / memento_peak if memento_peak else 1.0,
+        "mean_peak_ratio": sum(r.peak_ratio for r in results) / len(results),
+        "full_auc_kv": full_auc,
+        "memento_auc_kv": memento_auc,
+        "auc_reduction": full_auc / memento_auc if memento_auc else 1.0,
+        "blocks": sum(r.blocks for r in results),
+        "compression": sum(r.memento_tokens for r in results) / block_tokens if block_tokens else 0.0,
+    }
+    if bytes_per_token:
+        out["bytes_per_token"] = bytes_per_token
+        out["full_peak_bytes"] = full_peak * bytes_per_token
+        out["memento_peak_bytes"] = memento_peak * bytes_per_token
+    return out

@@ -124,7 +124,7 @@ def kv(
     from rich.console import Console
     from rich.table import Table
 
-    from memento.kv import analyse, kv_bytes_per_token
+    from memento.kv import analyse, kv_bytes_per_token, summarize_traces
     from memento.masking import BlockMaskingConfig
     from memento.tokens import MarkerIds
 
@@ -174,7 +174,7 @@ def kv(
         err.print("[red]error:[/red] nothing to account for")
         raise typer.Exit(2)
 
-    totals = _totals([r for _, r in results], bytes_per_token)
+    totals = summarize_traces([r for _, r in results], bytes_per_token)
     if plot is not None:
         gen, result = results[min(plot_index, len(results) - 1)]
         _plot(plot, gen.name, result)
@@ -237,31 +237,6 @@ def _load_tokenizer(path: str | None):
     if tok.chat_template is None:
         raise ValueError(f"tokenizer {path} has no chat template and no ChatML tokens to build one")
     return tok
-
-
-def _totals(results, bytes_per_token: int | None) -> dict:
-    full_peak = max(r.full_peak for r in results)
-    memento_peak = max(r.memento_peak for r in results)
-    full_auc = sum(r.full_auc for r in results)
-    memento_auc = sum(r.memento_auc for r in results)
-    block_tokens = sum(r.block_tokens for r in results)
-    out = {
-        "generations": len(results),
-        "full_peak_kv": full_peak,
-        "memento_peak_kv": memento_peak,
-        "peak_reduction": full_peak / memento_peak if memento_peak else 1.0,
-        "mean_peak_ratio": sum(r.peak_ratio for r in results) / len(results),
-        "full_auc_kv": full_auc,
-        "memento_auc_kv": memento_auc,
-        "auc_reduction": full_auc / memento_auc if memento_auc else 1.0,
-        "blocks": sum(r.blocks for r in results),
-        "compression": sum(r.memento_tokens for r in results) / block_tokens if block_tokens else 0.0,
-    }
-    if bytes_per_token:
-        out["bytes_per_token"] = bytes_per_token
-        out["full_peak_bytes"] = full_peak * bytes_per_token
-        out["memento_peak_bytes"] = memento_peak * bytes_per_token
-    return out
 
 
 def register(app: typer.Typer) -> None:

@@ -1,9 +1,10 @@
 """Block semantics: the single source of truth for what MEMENTO evicts, and when.
 
 Everything else derives from `BlockTracker`: the engine evicts what it returns, the Stage-2
-training mask and the flex_attention form come from its kill times, and KV accounting counts what
-it removed. The rule: query `q` may attend to key `k` iff `k <= q` and `k` is not in a span whose
-eviction was triggered at a position `<= q`. Spec: shared/reference/block-masking.md.
+training mask and the flex_attention form come from its kill times, and KV accounting
+(`memento.kv`) counts what it removed. The rule: query `q` may attend to key `k` iff `k <= q` and
+`k` is not in a span whose eviction was triggered at a position `<= q`.
+Spec: shared/reference/block-masking.md.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import bisect
 import warnings
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -80,6 +81,29 @@ class BlockMaskingConfig:
     @property
     def evicts(self) -> bool:
         return self.keep_last_n_blocks >= 0 and self.compact_on_summary_end
+
+
+#: Generation modes: `full` attention (blocks tracked, never evicted), `memento` (evict), `restart`
+#: (the ablation that recomputes each memento's KV without its block).
+MODES = ("full", "memento", "restart")
+
+
+def config_for_mode(mode: str, masking: BlockMaskingConfig | None = None) -> BlockMaskingConfig:
+    """The masking config a generation mode runs under; the one place a mode gets its meaning.
+
+    `full` never evicts (tracking only), `memento` uses `masking` as given (default keep 0),
+    `restart` turns on restart_mode. Used by the engine, eval's offline replay, `memento kv` and
+    the vLLM validation, so a mode means the same everywhere."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    config = masking or BlockMaskingConfig()
+    if mode == "full":
+        return replace(config, keep_last_n_blocks=-1, restart_mode=False)
+    if mode == "restart":
+        return replace(config, restart_mode=True)
+    if config.restart_mode:
+        raise ValueError("masking.restart_mode=True needs mode='restart'")
+    return config
 
 
 @dataclass(frozen=True)
@@ -296,42 +320,6 @@ def mask_from_kill_times(kill: torch.Tensor, query_positions: torch.Tensor | Non
     return (keys <= q) & (q < kill)
 
 
-def kv_occupancy(
-    token_ids: Sequence[int], markers: MarkerIds, config: BlockMaskingConfig | None = None
-) -> list[int]:
-    """Cached tokens right after computing each position: `(p + 1) - |evicted spans triggered <= p|`."""
-    tracker = BlockTracker(markers, config)
-    occupancy = []
-    for p, t in enumerate(_as_list(token_ids)):
-        tracker.feed(t)
-        occupancy.append(p + 1 - tracker.removed)
-    return occupancy
-
-
-@dataclass(frozen=True)
-class KVStats:
-    """KV usage of one generation. `trace[i]` = cached tokens when generated token i was sampled."""
-
-    trace: list[int]
-    peak: int
-    auc: int
-
-    @classmethod
-    def from_trace(cls, trace: list[int]) -> KVStats:
-        return cls(trace, max(trace, default=0), sum(trace))
-
-
-def kv_stats(
-    token_ids: Sequence[int], markers: MarkerIds, config: BlockMaskingConfig | None, prompt_len: int
-) -> KVStats:
-    """Peak and area-under-curve (token·steps) of the KV cache over the generated part."""
-    ids = _as_list(token_ids)
-    if not 1 <= prompt_len <= len(ids):
-        raise ValueError(f"prompt_len must be between 1 and {len(ids)}, got {prompt_len}")
-    occupancy = kv_occupancy(ids, markers, config)
-    return KVStats.from_trace(occupancy[prompt_len - 1 : len(ids) - 1])
-
-
 class BlockLengthCap:
     """Forces `<|block_end|>` once an open block holds `max_block_tokens` content tokens.
 
@@ -358,3 +346,13 @@ class BlockLengthCap:
     def must_close(self) -> bool:
         """True when the next token must be `<|block_end|>`."""
         return self.max_block_tokens > 0 and self.in_block and self.count >= self.max_block_tokens
+
+
+def __getattr__(name: str):
+    """`kv_occupancy`, `kv_stats` and `KVStats` are part of the stable API under this module's name
+    (ARCHITECTURE.md); they live in `memento.kv`, the one home of KV counting."""
+    if name in ("kv_occupancy", "kv_stats", "KVStats"):
+        from memento import kv
+
+        return getattr(kv, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,6 @@ KV-token budget.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -23,27 +22,10 @@ from memento.engine.runner import ModelRunner
 from memento.engine.sampling import SamplingParams, make_generator, sample_rows
 from memento.engine.scheduler import Scheduler
 from memento.engine.sequence import ComputeOp, EvictOp, Plan, RequestOutput, Sequence
-from memento.masking import BlockMaskingConfig
+from memento.masking import BlockMaskingConfig, config_for_mode
 from memento.tokens import IM_END, MarkerIds, ensure_chat_template, resolve_token_id
 
-MODES = ("full", "memento", "restart")
-
 LogitsHook = Callable[[Sequence, torch.Tensor], torch.Tensor]
-
-
-def resolve_config(mode: str, masking: BlockMaskingConfig | None) -> BlockMaskingConfig:
-    """The masking config a mode runs with: `full` never evicts (tracking only), `memento` uses
-    `masking` as given, `restart` turns on restart_mode."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    config = masking or BlockMaskingConfig()
-    if mode == "full":
-        return dataclasses.replace(config, keep_last_n_blocks=-1, restart_mode=False)
-    if mode == "restart":
-        return dataclasses.replace(config, restart_mode=True)
-    if config.restart_mode:
-        raise ValueError("masking.restart_mode=True needs mode='restart'")
-    return config
 
 
 class Engine:
@@ -77,7 +59,7 @@ class Engine:
             markers = MarkerIds.from_tokenizer(tokenizer)
         self.markers = markers
         self.mode = mode
-        self.config = resolve_config(mode, masking)
+        self.config = config_for_mode(mode, masking)
         self.kv_budget_tokens = kv_budget_tokens
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens

@@ -117,7 +117,7 @@ def eval_command(
                 generate_results(bench, modes, config, results, progress=progress.hooks())
             order = modes
         else:
-            from memento.eval.kv_metrics import Retokenizer
+            from memento.eval.retokenize import Retokenizer
 
             retok = Retokenizer(tokenizer, prompt_template) if tokenizer else None
             explicit_mode = mode[0] if mode and len(responses) == 1 else None

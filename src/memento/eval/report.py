@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from memento.eval.grading import cluster_answers
-from memento.eval.kv_metrics import expand_trace
 from memento.eval.metrics import compare_runs, coverage, ks_for, mean_maj_at_k, mean_pass_at_k, pass1
+from memento.kv import expand_trace
 
 
 def _mean(values: Sequence[float | int | None]) -> float | None:

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from memento.eval.benchmarks import Benchmark, Problem
 from memento.eval.grading import grade
-from memento.eval.kv_metrics import MODES, Retokenizer, block_stats, compress_trace, replay_kv, token_counter
+from memento.eval.retokenize import Retokenizer, token_counter
 from memento.jsonl import read_jsonl
+from memento.kv import block_stats, compress_trace, replay_kv
+from memento.masking import MODES
 
 RESULTS = "results.jsonl"
 RUN_CONFIG = "run_config.json"

@@ -27,6 +27,7 @@ import numpy as np
 
 from memento.integrations.vllm import version
 from memento.integrations.vllm.config import MementoVllmConfig, load_markers, request_masking
+from memento.kv import paged_blocks
 from memento.masking import BlockMaskingConfig, BlockTracker, Eviction, SpanSet
 
 version.check()
@@ -225,7 +226,7 @@ class MementoSchedulerMixin:
             dst_slots = ids[moved // bs] * bs + moved % bs
             # Replaces any earlier plan of this request in this step (src is cumulative).
             self._step_moves[rid] = (src_slots.tolist(), dst_slots.tolist())
-        keep_blocks = -(-n_new // bs)
+        keep_blocks = paged_blocks(n_new, bs)
         freed = blocks[keep_blocks:]
         if freed:
             del blocks[keep_blocks:]
