@@ -20,7 +20,7 @@ import torch
 from memento.engine.cache import BatchedKVCache
 from memento.engine.runner import ModelRunner
 from memento.engine.sampling import SamplingParams, make_generator, sample_rows
-from memento.engine.scheduler import Scheduler
+from memento.engine.scheduler import BudgetError, Scheduler
 from memento.engine.sequence import ComputeOp, EvictOp, Plan, RequestOutput, Sequence
 from memento.masking import BlockMaskingConfig, config_for_mode
 from memento.tokens import IM_END, MarkerIds, ensure_chat_template, resolve_token_id
@@ -59,7 +59,8 @@ class Engine:
             markers = MarkerIds.from_tokenizer(tokenizer)
         self.markers = markers
         self.mode = mode
-        self.config = config_for_mode(mode, masking)
+        self.masking = masking or BlockMaskingConfig()
+        self.config = config_for_mode(mode, self.masking)
         self.kv_budget_tokens = kv_budget_tokens
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -81,6 +82,14 @@ class Engine:
         )
         self.runner = ModelRunner(model, self.cache, direct=direct_forward)
         self.stop_ids = self._default_stop_ids()
+        self.scheduler = Scheduler(kv_budget_tokens, max_batch_size, prefill_chunk_tokens)
+        self.cut_at_budget = False  # see step()
+        self._owners: list[Sequence | None] = [None] * self.cache.row_capacity  # request of each cache row
+        self._next_request_id = 0
+        # counters since construction (a server exports them); peak_total_kv since the last generate/replay
+        self.num_steps = 0
+        self.num_evictions = 0
+        self.peak_total_kv = 0
         self.last_run: dict = {}
 
     @classmethod
@@ -156,11 +165,17 @@ class Engine:
             sampling = [sampling] * len(prompts)
         if len(sampling) != len(prompts):
             raise ValueError(f"got {len(sampling)} SamplingParams for {len(prompts)} prompts")
-        seqs = []
-        for i, (prompt, params) in enumerate(zip(prompts, sampling, strict=True)):
-            ids = self.encode(prompt)
-            for k in range(params.n):
-                seqs.append(self._new_sequence(len(seqs), i, k, ids, params))
+        self._start_run()
+        seqs: list[Sequence] = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, sampling, strict=True)):
+                ids = self.encode(prompt)
+                for k in range(params.n):
+                    seqs.append(self._queue(ids, params, prompt_index=i, sample=k))
+        except BaseException:
+            for seq in seqs:
+                self.abort(seq)
+            raise
         return self._run(seqs, progress)
 
     def replay(
@@ -176,112 +191,207 @@ class Engine:
         structure without a trained model."""
         if len(outputs) != len(prompts):
             raise ValueError(f"got {len(outputs)} output streams for {len(prompts)} prompts")
-        seqs = []
-        for i, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
-            script = [int(t) for t in out]
+        scripts = [[int(t) for t in out] for out in outputs]
+        for i, script in enumerate(scripts):
             if not script:
                 raise ValueError(f"output stream {i} is empty")
-            params = SamplingParams(temperature=0, max_new_tokens=len(script))
-            seqs.append(self._new_sequence(i, i, 0, self.encode(prompt), params, script))
+        self._start_run()
+        seqs: list[Sequence] = []
+        try:
+            for i, (prompt, script) in enumerate(zip(prompts, scripts, strict=True)):
+                params = SamplingParams(temperature=0, max_new_tokens=len(script))
+                seqs.append(self._queue(self.encode(prompt), params, prompt_index=i, script=script))
+        except BaseException:
+            for seq in seqs:
+                self.abort(seq)
+            raise
         return self._run(seqs, progress)
+
+    # --- the incremental API: add requests at any time, step, abort ---------------------------
+
+    def add_request(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams = SamplingParams(),
+        *,
+        prompt_index: int = 0,
+        sample: int = 0,
+        mode: str | None = None,
+        masking: BlockMaskingConfig | None = None,
+    ) -> Sequence:
+        """Queue one sample of one prompt; it joins the batch at a later `step()`. `params.n` is
+        ignored here: add one request per sample (sample k draws with seed `seed + k`). `mode` and
+        `masking` override the engine's for this request only. Raises `BudgetError` if the prompt
+        cannot fit in the KV budget even alone, before anything is queued."""
+        config = self.config
+        if mode is not None or masking is not None:
+            config = config_for_mode(mode or self.mode, masking or self.masking)
+        return self._queue(
+            self.encode(prompt), params, prompt_index=prompt_index, sample=sample, config=config
+        )
+
+    @property
+    def has_work(self) -> bool:
+        """Requests are waiting or running."""
+        return self.scheduler.has_work
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a waiting or running request now (call it between steps): its KV row is freed at
+        once and its `finish_reason` becomes "abort". A finished request is left alone."""
+        if seq.finish_reason is not None:
+            return
+        if seq in self.scheduler.running:
+            self.scheduler.finish(seq)
+            self._release(seq)
+        elif seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)
+        self._finish(seq, "abort")
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """One iteration of continuous batching: admit the waiting requests whose prefill fits,
+        preempt the youngest if the next step would overflow the budget, then one decode step for
+        every running request (one token each; the evictions it triggers are applied at once).
+        Returns the requests that got a token or finished (`finish_reason` set) in this step.
+
+        With `cut_at_budget`, a request that alone has no room left for one more token finishes
+        with "length" instead of raising `BudgetError` (what a server wants)."""
+        changed: list[Sequence] = []
+        try:
+            admitted = self.scheduler.admit()
+        except BudgetError as exc:  # a resumed request outgrew the budget while nothing else runs
+            if not self.cut_at_budget or exc.seq is None:
+                raise
+            self.scheduler.waiting.remove(exc.seq)
+            self._finish(exc.seq, "length")
+            return [exc.seq]
+        for seq, _ in admitted:
+            seq.row = self.cache.add_row()
+            if len(self._owners) < self.cache.row_capacity:
+                self._owners += [None] * (self.cache.row_capacity - len(self._owners))
+            self._owners[seq.row] = seq
+        if admitted:
+            self.peak_total_kv = max(self.peak_total_kv, self._execute_many(admitted))
+        victims, overflow = self.scheduler.preempt_for_growth()
+        for seq in victims:
+            self._release(seq)
+            seq.reset_cache()
+        if overflow is not None:
+            if not self.cut_at_budget:
+                raise BudgetError(
+                    f"request {overflow.prompt_index} (sample {overflow.sample}) alone needs "
+                    f"{overflow.cached + 1} KV tokens but kv_budget_tokens={self.kv_budget_tokens}; "
+                    "raise the budget or lower max_new_tokens",
+                    overflow,
+                )
+            self.scheduler.finish(overflow)
+            self._release(overflow)
+            self._finish(overflow, "length")
+            changed.append(overflow)
+        running = self._owners[: self.cache.num_rows]
+        if not running:
+            return changed
+        logits = self.runner.decode(
+            [s.tokens[s.pending_position] for s in running], [s.pending_position for s in running]
+        )
+        self.num_steps += 1
+        self.peak_total_kv = max(self.peak_total_kv, self.cache.total_tokens())
+        tokens, scores = self._pick_all(running, logits)
+        for seq, token, score in zip(running, tokens, scores, strict=True):
+            seq.slot_pos.append(seq.pending_position)
+            seq.computed = seq.pending_position + 1
+            seq.kv_trace.append(seq.cached)
+            if score is not None:
+                seq.logprobs.append(score[0])
+                seq.forced.append(score[1])
+            self.num_evictions += len(seq.append(token))
+            changed.append(seq)
+            done = self._finish_reason(seq, token)
+            if done:
+                self.scheduler.finish(seq)
+                self._release(seq)
+                self._finish(seq, done)
+            else:
+                self._execute(seq, seq.plan(self.prefill_chunk_tokens))
+        return changed
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        """A request's result (final once its `finish_reason` is set)."""
+        return self._output(seq)
 
     # --- the loop --------------------------------------------------------------------------
 
-    def _new_sequence(self, request_id, prompt_index, sample, ids, params, script=None) -> Sequence:
+    def _queue(self, ids, params, *, prompt_index=0, sample=0, config=None, script=None) -> Sequence:
         if not ids:
             raise ValueError(f"prompt {prompt_index} is empty")
+        config = config or self.config
         seed = None if params.seed is None else params.seed + sample
         generator, seed = make_generator(seed, self.device)
         seq = Sequence(
-            request_id,
+            self._next_request_id,
             prompt_index,
             sample,
             list(ids),
             params,
             self.markers,
-            self.config,
+            config,
             generator,
             seed,
             script,
         )
-        if self.mode != "full" and self.config.require_assistant_section and not seq.tracker.gate_open:
-            if sample == 0:
-                warnings.warn(
-                    f"prompt {prompt_index} has no '<|im_start|>assistant' header: the block gate never opens "
-                    "and nothing will be evicted (render it with the chat template, or disable "
-                    "require_assistant_section)",
-                    stacklevel=3,
-                )
+        evicting = config.keep_last_n_blocks != -1 or config.restart_mode
+        if evicting and config.require_assistant_section and not seq.tracker.gate_open and sample == 0:
+            warnings.warn(
+                f"prompt {prompt_index} has no '<|im_start|>assistant' header: the block gate never opens "
+                "and nothing will be evicted (render it with the chat template, or disable "
+                "require_assistant_section)",
+                stacklevel=3,
+            )
+        self.scheduler.check_fits(seq)
+        self._next_request_id += 1
+        self.scheduler.add(seq)
         return seq
 
-    @torch.inference_mode()
-    def _run(self, seqs: list[Sequence], progress) -> list[RequestOutput]:
-        scheduler = Scheduler(self.kv_budget_tokens, self.max_batch_size, self.prefill_chunk_tokens)
+    def _start_run(self) -> None:
+        """Reset the batch for a `generate`/`replay` call (refused while requests are in flight)."""
+        if self.has_work:
+            raise RuntimeError("the engine is serving requests (add_request/step); let them finish first")
         self.cache.num_rows = 0
-        owners: list[Sequence | None] = [None] * self.cache.row_capacity
+        self._owners = [None] * self.cache.row_capacity
+        self.peak_total_kv = 0
+
+    def _release(self, seq: Sequence) -> None:
+        moved = self.cache.release_row(seq.row)
+        if moved is not None:
+            self._owners[seq.row] = self._owners[moved]
+            self._owners[seq.row].row = seq.row
+        self._owners[self.cache.num_rows] = None
+        seq.row = None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.finished = time.perf_counter()
+
+    def _run(self, seqs: list[Sequence], progress) -> list[RequestOutput]:
+        """Step until every request of a `generate`/`replay` call is done."""
         start = time.perf_counter()
+        steps, preemptions = self.num_steps, self.scheduler.num_preemptions
         for seq in seqs:
             seq.started = start
-            scheduler.add(seq)
         outputs: dict[int, RequestOutput] = {}
-        steps = peak_total = 0
-
-        def release(seq: Sequence) -> None:
-            moved = self.cache.release_row(seq.row)
-            if moved is not None:
-                owners[seq.row] = owners[moved]
-                owners[seq.row].row = seq.row
-            owners[self.cache.num_rows] = None
-            seq.row = None
-
-        while scheduler.has_work:
-            admitted = scheduler.admit()
-            for seq, _ in admitted:
-                seq.row = self.cache.add_row()
-                if len(owners) < self.cache.row_capacity:
-                    owners += [None] * (self.cache.row_capacity - len(owners))
-                owners[seq.row] = seq
-            if admitted:
-                peak_total = max(peak_total, self._execute_many(admitted))
-            for seq in scheduler.preempt_for_growth():
-                release(seq)
-                seq.reset_cache()
-            running = owners[: self.cache.num_rows]
-            if not running:
-                continue
-            logits = self.runner.decode(
-                [s.tokens[s.pending_position] for s in running], [s.pending_position for s in running]
-            )
-            steps += 1
-            peak_total = max(peak_total, self.cache.total_tokens())
-            tokens, scores = self._pick_all(running, logits)
-            for seq, token, score in zip(running, tokens, scores, strict=True):
-                seq.slot_pos.append(seq.pending_position)
-                seq.computed = seq.pending_position + 1
-                seq.kv_trace.append(seq.cached)
-                if score is not None:
-                    seq.logprobs.append(score[0])
-                    seq.forced.append(score[1])
-                seq.append(token)
-                done = self._finish_reason(seq, token)
-                if done:
-                    seq.finish_reason = done
-                    seq.finished = time.perf_counter()
-                    scheduler.finish(seq)
-                    release(seq)
-                    out = self._output(seq)
-                    outputs[seq.request_id] = out
+        while self.has_work:
+            for seq in self.step():
+                if seq.finish_reason is not None:
+                    out = outputs[seq.request_id] = self._output(seq)
                     if progress is not None:
                         progress(out)
-                else:
-                    self._execute(seq, seq.plan(self.prefill_chunk_tokens))
         self.last_run = {
             "requests": len(seqs),
-            "steps": steps,
+            "steps": self.num_steps - steps,
             "seconds": time.perf_counter() - start,
             "generated_tokens": sum(len(o.output_ids) for o in outputs.values()),
-            "peak_total_kv": peak_total,
-            "preemptions": scheduler.num_preemptions,
+            "peak_total_kv": self.peak_total_kv,
+            "preemptions": self.scheduler.num_preemptions - preemptions,
         }
         return [outputs[s.request_id] for s in sorted(seqs, key=lambda s: (s.prompt_index, s.sample))]
 

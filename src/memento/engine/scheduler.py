@@ -16,7 +16,11 @@ from memento.engine.sequence import Plan, Sequence
 
 
 class BudgetError(RuntimeError):
-    """A single request cannot fit in `kv_budget_tokens` even when running alone."""
+    """A single request cannot fit in `kv_budget_tokens` even when running alone (`seq`: which)."""
+
+    def __init__(self, message: str, seq: Sequence | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
 
 
 class Scheduler:
@@ -45,6 +49,19 @@ class Scheduler:
         """Cached tokens over the running requests."""
         return sum(s.cached for s in self.running)
 
+    def check_fits(self, seq: Sequence) -> None:
+        """Raise `BudgetError` if `seq` could not be admitted even with nothing else running."""
+        if self.budget is None:
+            return
+        plan = seq.plan(self.prefill_chunk_tokens)
+        need = max(plan.peak, plan.final + 1)
+        if need > self.budget:
+            raise BudgetError(
+                f"request {seq.prompt_index} (sample {seq.sample}) needs {need} KV tokens but "
+                f"kv_budget_tokens={self.budget}; raise the budget or shorten the prompt",
+                seq,
+            )
+
     def admit(self) -> list[tuple[Sequence, Plan]]:
         """Waiting requests that may join now (in order), each with the plan that prefills it."""
         admitted: list[tuple[Sequence, Plan]] = []
@@ -57,11 +74,7 @@ class Scheduler:
                 grow = len(self.running) + 1
                 if used + plan.peak > self.budget or used + plan.final + grow > self.budget:
                     if not self.running:
-                        raise BudgetError(
-                            f"request {seq.prompt_index} (sample {seq.sample}) needs "
-                            f"{max(plan.peak, plan.final + 1)} KV tokens but kv_budget_tokens={self.budget}; "
-                            "raise the budget or shorten the prompt"
-                        )
+                        self.check_fits(seq)
                     break
             self.waiting.popleft()
             self.running.append(seq)
@@ -69,20 +82,19 @@ class Scheduler:
             used += plan.final
         return admitted
 
-    def preempt_for_growth(self) -> list[Sequence]:
+    def preempt_for_growth(self) -> tuple[list[Sequence], Sequence | None]:
         """Running requests to preempt so that the next decode step (one new cached token per
-        running request) stays within the budget; youngest (latest arrival) first."""
+        running request) stays within the budget, youngest (latest arrival) first; and the one
+        request left, if even alone it has no room for another token (the engine decides)."""
         victims: list[Sequence] = []
         if self.budget is None:
-            return victims
+            return victims, None
         used = self.used()
+        overflow = None
         while self.running and used + len(self.running) > self.budget:
             if len(self.running) == 1:
-                seq = self.running[0]
-                raise BudgetError(
-                    f"request {seq.prompt_index} (sample {seq.sample}) alone needs {seq.cached + 1} KV tokens "
-                    f"but kv_budget_tokens={self.budget}; raise the budget or lower max_new_tokens"
-                )
+                overflow = self.running[0]
+                break
             victim = max(self.running, key=lambda s: s.request_id)
             self.running.remove(victim)
             used -= victim.cached
@@ -90,7 +102,7 @@ class Scheduler:
             self.num_preemptions += 1
         for victim in victims:  # the oldest victim ends up first in line
             self.waiting.appendleft(victim)
-        return victims
+        return victims, overflow
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
