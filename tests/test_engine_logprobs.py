@@ -174,3 +174,34 @@ def test_generate_json_logprobs(toy_model_dir, tmp_path):
     assert "logprobs" not in json.loads(plain.stdout.splitlines()[0])
     text = runner.invoke(app, [*base, "--logprobs"])
     assert text.exit_code == 2 and "--json" in text.stderr
+
+
+def test_top_logprobs_rank_the_same_distribution(model, toy_tokenizer, markers):
+    """`top_logprobs=k`: the k best tokens of the distribution each token's log-prob is under;
+    the chosen token's log-prob is among them when it ranks in the top k (greedy: always first),
+    and tokens filtered out by top_k carry -inf."""
+    engine = Engine(model, toy_tokenizer, mode="memento")
+    prompt = [header(toy_tokenizer, "alternatives")]
+    (greedy,) = engine.generate(
+        prompt, SamplingParams(temperature=0, max_new_tokens=12, logprobs=True, top_logprobs=3)
+    )
+    assert len(greedy.top_logprobs) == len(greedy.output_ids)
+    for token, lp, top in zip(greedy.output_ids, greedy.logprobs, greedy.top_logprobs, strict=True):
+        assert len(top) == 3 and top[0][0] == token and abs(top[0][1] - lp) <= 1e-6
+        assert top[0][1] >= top[1][1] >= top[2][1]
+    params = SamplingParams(
+        temperature=0.7, top_k=2, max_new_tokens=12, seed=1, logprobs=True, top_logprobs=4
+    )
+    (out,) = engine.generate(prompt, params)
+    ids = out.token_ids
+    want = filter_logits(dense_logits(model, ids, markers, engine.config), params).log_softmax(-1)
+    for i, top in enumerate(out.top_logprobs):
+        row = want[len(out.prompt_ids) + i - 1]
+        assert [t for t, _ in top[:2]] == row.topk(2).indices.tolist()
+        assert max(abs(v - float(row[t])) for t, v in top[:2]) <= TOL
+        assert top[2][1] == top[3][1] == float("-inf")
+        assert dict(top)[out.output_ids[i]] == pytest.approx(out.logprobs[i], abs=1e-6)
+    (plain,) = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=3, logprobs=True))
+    assert plain.top_logprobs is None
+    with pytest.raises(ValueError, match="needs logprobs=True"):
+        SamplingParams(top_logprobs=2)

@@ -19,7 +19,7 @@ import torch
 
 from memento.engine.cache import BatchedKVCache
 from memento.engine.runner import ModelRunner
-from memento.engine.sampling import SamplingParams, make_generator, sample_rows
+from memento.engine.sampling import SamplingParams, filter_logits, make_generator, sample_rows
 from memento.engine.scheduler import BudgetError, Scheduler
 from memento.engine.sequence import ComputeOp, EvictOp, Plan, RequestOutput, Sequence
 from memento.masking import BlockMaskingConfig, config_for_mode
@@ -304,6 +304,8 @@ class Engine:
             if score is not None:
                 seq.logprobs.append(score[0])
                 seq.forced.append(score[1])
+                if score[2] is not None:
+                    seq.top_logprobs.append(score[2])
             self.num_evictions += len(seq.append(token))
             changed.append(seq)
             done = self._finish_reason(seq, token)
@@ -397,10 +399,10 @@ class Engine:
 
     def _pick_all(
         self, running: list[Sequence], logits: torch.Tensor
-    ) -> tuple[list[int], list[tuple[float, bool] | None]]:
+    ) -> tuple[list[int], list[tuple[float, bool, list[tuple[int, float]] | None] | None]]:
         """The next token of every running row: one argmax over the batch, the sampling filters
         batched over the rows that share their SamplingParams, one host transfer each. Also, for
-        rows that asked for them, `(logprob, forced)` of the picked token (see `RequestOutput`)."""
+        rows that asked for them, `(logprob, forced, top_logprobs)` of the picked token (see `RequestOutput`)."""
         if self.logits_hook is not None:
             logits = torch.stack([self.logits_hook(seq, logits[i]) for i, seq in enumerate(running)])
         tokens = torch.argmax(logits, dim=-1).tolist()
@@ -430,8 +432,22 @@ class Engine:
             drawn_logprobs.update(zip(wanted, own, strict=True))
         for i, seq in enumerate(running):
             if seq.wants_logprobs:
-                out[i] = (drawn_logprobs[i], forced[i])
+                out[i] = (drawn_logprobs[i], forced[i], self._top_logprobs(seq, logits[i], forced[i]))
         return tokens, out
+
+    def _top_logprobs(
+        self, seq: Sequence, logits: torch.Tensor, forced: bool
+    ) -> list[tuple[int, float]] | None:
+        """The `top_logprobs` most likely (token, log-prob) of the distribution the row's log-prob
+        is reported under: the filtered, tempered one for a sampled token, else the model's own."""
+        k = seq.params.top_logprobs
+        if not k or seq.script is not None:
+            return None
+        logits = logits.float()
+        if not (seq.params.greedy or forced):
+            logits = filter_logits(logits, seq.params)
+        values, ids = torch.topk(logits.log_softmax(-1), min(k, logits.shape[-1]))
+        return list(zip(ids.tolist(), values.tolist(), strict=True))
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         n_out = len(seq.tokens) - seq.prompt_len
@@ -530,4 +546,5 @@ class Engine:
             seed=seq.seed,
             logprobs=list(seq.logprobs) if seq.wants_logprobs else None,
             forced=list(seq.forced) if seq.params.logprobs and seq.script is None else None,
+            top_logprobs=list(seq.top_logprobs) if seq.params.top_logprobs and seq.script is None else None,
         )

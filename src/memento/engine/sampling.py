@@ -17,7 +17,8 @@ import torch
 class SamplingParams:
     """How to pick tokens. `temperature=0` is greedy; `top_k=0`, `top_p=1`, `min_p=0` disable
     those filters; `n` samples per prompt (sample k uses seed `seed + k`). `logprobs=True` fills
-    `RequestOutput.logprobs` and `RequestOutput.forced` (see `RequestOutput`)."""
+    `RequestOutput.logprobs` and `RequestOutput.forced` (see `RequestOutput`); `top_logprobs=k`
+    also the k most likely tokens of that same distribution at each step."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -28,6 +29,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -44,6 +46,14 @@ class SamplingParams:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if not isinstance(self.logprobs, bool):
             raise ValueError(f"logprobs must be true or false, got {self.logprobs!r}")
+        if (
+            isinstance(self.top_logprobs, bool)
+            or not isinstance(self.top_logprobs, int)
+            or self.top_logprobs < 0
+        ):
+            raise ValueError(f"top_logprobs must be an int >= 0, got {self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property

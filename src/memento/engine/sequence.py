@@ -37,6 +37,9 @@ class RequestOutput:
     `forced` (with `SamplingParams(logprobs=True)`; None from replay, whose tokens are all given):
     True for a token the engine chose instead of the model, i.e. the `<|block_end|>` that
     `max_block_tokens` imposes.
+
+    `top_logprobs` (with `SamplingParams(top_logprobs=k)`): per output token, the k most likely
+    `(token_id, logprob)` of the same distribution `logprobs` is under (filtered tokens: -inf).
     """
 
     prompt_index: int
@@ -55,6 +58,7 @@ class RequestOutput:
     seed: int | None = None
     logprobs: list[float] | None = None
     forced: list[bool] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -116,6 +120,9 @@ class Sequence:
     kv_trace: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # per output token (when asked for)
     forced: list[bool] = field(default_factory=list)  # per output token (when asked for)
+    top_logprobs: list[list[tuple[int, float]]] = field(
+        default_factory=list
+    )  # per output token (when asked for)
     num_preemptions: int = 0
     finish_reason: str | None = None
     started: float = field(default_factory=time.perf_counter)
