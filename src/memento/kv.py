@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memento.format import parse
-from memento.masking import BlockMaskingConfig, BlockTracker, config_for_mode
+from memento.masking import BlockMaskingConfig, BlockTracker, config_for_mode, evictions
 from memento.tokens import MarkerIds
 
 # --- occupancy, peak and AUC ---------------------------------------------------------------------
@@ -29,14 +29,41 @@ def _as_list(token_ids: Sequence[int]) -> list[int]:
 
 
 def kv_occupancy(
-    token_ids: Sequence[int], markers: MarkerIds, config: BlockMaskingConfig | None = None
+    token_ids: Sequence[int],
+    markers: MarkerIds,
+    config: BlockMaskingConfig | None = None,
+    window: int | None = None,
 ) -> list[int]:
-    """Cached tokens right after computing each position: `(p + 1) - |evicted spans triggered <= p|`."""
-    tracker = BlockTracker(markers, config)
-    occupancy = []
-    for p, t in enumerate(_as_list(token_ids)):
-        tracker.feed(t)
-        occupancy.append(p + 1 - tracker.removed)
+    """Cached tokens right after computing each position `p`, on one attention layer.
+
+    A full-attention layer (`window=None`) holds every key `k <= p` the block rule still allows:
+    `(p + 1) - |evicted spans triggered at <= p|`. A sliding-window layer of `window` W holds only
+    those with `p - k < W` in original positions (the window the model was pretrained with, never
+    "the last W cached entries"), so an eviction shrinks it only while the block is still in reach.
+    """
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window must hold at least 1 key, got {window}")
+    ids = _as_list(token_ids)
+    n = len(ids)
+    # kill[k]: the first position whose query may no longer see key k (n + 1: never evicted).
+    kill = [n + 1] * n
+    killed_at: dict[int, list[int]] = {}
+    for ev in evictions(ids, markers, config):
+        for k in range(ev.start, ev.end):
+            if ev.trigger < kill[k]:
+                kill[k] = ev.trigger
+    for k, t in enumerate(kill):
+        if t <= n:
+            killed_at.setdefault(t, []).append(k)
+    reach = n + 1 if window is None else window
+    occupancy, held = [], 0
+    for p in range(n):
+        leaving = p - reach  # the key that falls out of the window at this query
+        if leaving >= 0 and kill[leaving] >= p:
+            held -= 1
+        held -= sum(1 for k in killed_at.get(p, ()) if k > leaving)
+        held += 1  # key p itself
+        occupancy.append(held)
     return occupancy
 
 
@@ -54,13 +81,18 @@ class KVStats:
 
 
 def kv_stats(
-    token_ids: Sequence[int], markers: MarkerIds, config: BlockMaskingConfig | None, prompt_len: int
+    token_ids: Sequence[int],
+    markers: MarkerIds,
+    config: BlockMaskingConfig | None,
+    prompt_len: int,
+    window: int | None = None,
 ) -> KVStats:
-    """Peak and area-under-curve (token·steps) of the KV cache over the generated part."""
+    """Peak and area-under-curve (token·steps) of the KV cache over the generated part, on a
+    full-attention layer or (with `window`) a sliding-window one."""
     ids = _as_list(token_ids)
     if not 1 <= prompt_len <= len(ids):
         raise ValueError(f"prompt_len must be between 1 and {len(ids)}, got {prompt_len}")
-    occupancy = kv_occupancy(ids, markers, config)
+    occupancy = kv_occupancy(ids, markers, config, window)
     return KVStats.from_trace(occupancy[prompt_len - 1 : len(ids) - 1])
 
 
@@ -98,45 +130,183 @@ def expand_trace(runs: Sequence[Sequence[int]]) -> list[int]:
 # --- bytes per token of a model shape -------------------------------------------------------------
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1, "fp8": 1}
+_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
-# (layers, kv_heads, head_dim, dtype bytes) of common MEMENTO base models, from their configs.
-PRESET_SHAPES = {
-    "qwen3-8b": (36, 8, 128, 2),
-    "qwen3-32b": (64, 8, 128, 2),
-    "phi-4": (40, 10, 128, 2),
-    "olmo-3-7b": (32, 32, 128, 2),
+
+@dataclass(frozen=True)
+class KVShape:
+    """What one cached token costs in a model, per attention-layer type.
+
+    `windows` has one entry per layer: None for full attention (holds every allowed key), W for a
+    sliding-window layer (holds allowed keys with `q - k < W`). Every layer stores K and V of
+    `kv_heads x head_dim` values of `dtype_bytes` each."""
+
+    name: str
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+    windows: tuple[int | None, ...]
+    source: str = ""
+
+    @property
+    def layers(self) -> int:
+        return len(self.windows)
+
+    @property
+    def bytes_per_layer_token(self) -> int:
+        """`2 (K and V) x kv_heads x head_dim x dtype bytes` for one token in one layer."""
+        return 2 * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def bytes_per_token(self) -> int:
+        """One token held by every layer (what it costs on a full-attention layer stack)."""
+        return self.layers * self.bytes_per_layer_token
+
+    def layer_counts(self) -> dict[int | None, int]:
+        """How many layers have each window (None = full attention)."""
+        counts: dict[int | None, int] = {}
+        for w in self.windows:
+            counts[w] = counts.get(w, 0) + 1
+        return counts
+
+    @property
+    def sliding(self) -> bool:
+        return any(w is not None for w in self.windows)
+
+    def bytes_trace(self, traces: dict[int | None, Sequence[int]]) -> list[int]:
+        """Bytes held at each step, from one occupancy trace per window (`kv_occupancy(..., w)`)."""
+        counts = self.layer_counts()
+        length = len(next(iter(traces.values())))
+        return [
+            self.bytes_per_layer_token * sum(n * traces[w][i] for w, n in counts.items())
+            for i in range(length)
+        ]
+
+    def describe(self) -> str:
+        counts = self.layer_counts()
+        parts = [f"{n} full" if w is None else f"{n} sliding ({w})" for w, n in counts.items()]
+        return f"{self.layers} layers ({', '.join(parts)}), {self.kv_heads} KV heads x {self.head_dim}"
+
+
+def _preset(name: str, layers: int, kv_heads: int, head_dim: int, source: str, sliding: dict | None = None):
+    windows: tuple[int | None, ...] = (None,) * layers
+    if sliding:  # {"window": W, "every": n}: layers whose index % n != n - 1 slide (OLMo-3's 3:1 pattern)
+        every = sliding["every"]
+        windows = tuple(None if i % every == every - 1 else sliding["window"] for i in range(layers))
+    return KVShape(name, kv_heads, head_dim, 2, windows, source)
+
+
+# The paper's models, from the fields of their public config.json (all bfloat16):
+PRESET_SHAPES: dict[str, KVShape] = {
+    shape.name: shape
+    for shape in (
+        _preset(
+            "qwen3-8b",
+            36,
+            8,
+            128,
+            "Qwen/Qwen3-8B config.json: num_hidden_layers 36, num_key_value_heads 8, head_dim 128, "
+            "torch_dtype bfloat16, use_sliding_window false",
+        ),
+        _preset(
+            "qwen3-32b",
+            64,
+            8,
+            128,
+            "Qwen/Qwen3-32B config.json: num_hidden_layers 64, num_key_value_heads 8, head_dim 128, "
+            "torch_dtype bfloat16, use_sliding_window false",
+        ),
+        _preset(
+            "phi-4-reasoning",
+            40,
+            10,
+            128,
+            "microsoft/phi-4 config.json (Phi-4-reasoning is its fine-tune, model_type phi3): "
+            "num_hidden_layers 40, num_key_value_heads 10, hidden_size 5120 / num_attention_heads 40 "
+            "= head_dim 128, torch_dtype bfloat16, sliding_window null",
+        ),
+        _preset(
+            "olmo-3-7b",
+            32,
+            32,
+            128,
+            "allenai Olmo-3 7B config.json (model_type olmo3): num_hidden_layers 32, "
+            "num_key_value_heads 32, hidden_size 4096 / num_attention_heads 32 = head_dim 128, dtype "
+            "bfloat16, layer_types 3 x sliding_attention then full_attention (24 sliding, 8 full), "
+            "sliding_window 4096",
+            sliding={"window": 4096, "every": 4},
+        ),
+    )
 }
-PRESETS = {
-    name: 2 * layers * heads * dim * nbytes for name, (layers, heads, dim, nbytes) in PRESET_SHAPES.items()
-}
+PRESET_SHAPES["phi-4"] = PRESET_SHAPES["phi-4-reasoning"]  # same architecture and shape
+PRESETS = {name: shape.bytes_per_token for name, shape in PRESET_SHAPES.items()}
 
 
-def kv_bytes_per_token(model_config: str | Path | dict | None = None, preset: str | None = None) -> int:
-    """`2 (K and V) x layers x kv_heads x head_dim x dtype bytes` from an HF config.json or a preset."""
+def layer_windows(cfg: dict) -> tuple[int | None, ...]:
+    """Per-layer sliding windows (None = full attention) from an HF config, as transformers reads it:
+    `layer_types` when present; else Qwen2/Qwen3's `use_sliding_window` + `max_window_layers`; else
+    a `sliding_window` on every layer (Mistral, Phi-3); else full attention."""
+    layers = cfg["num_hidden_layers"]
+    window = cfg.get("sliding_window")
+    types = cfg.get("layer_types")
+    if types is not None:
+        unknown = sorted(set(types) - _LAYER_TYPES)
+        if unknown:
+            raise ValueError(
+                f"layer type(s) {unknown} in the model config are not supported by KV accounting "
+                f"(supported: {sorted(_LAYER_TYPES)})"
+            )
+        if len(types) != layers:
+            raise ValueError(f"layer_types lists {len(types)} layers but num_hidden_layers is {layers}")
+        if "sliding_attention" in types and not window:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    if not window:
+        return (None,) * layers
+    if "use_sliding_window" in cfg:
+        if not cfg["use_sliding_window"]:
+            return (None,) * layers
+        first = cfg.get("max_window_layers", 0)
+        return tuple(window if i >= first else None for i in range(layers))
+    return (window,) * layers
+
+
+def kv_shape(model_config: str | Path | dict | None = None, preset: str | None = None) -> KVShape:
+    """The KV shape of a model, from an HF config.json (a path, its directory, or a dict) or a preset."""
     if (model_config is None) == (preset is None):
         raise ValueError("give exactly one of a model config (config.json) or a preset name")
     if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown KV preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
-        return PRESETS[preset]
+        if preset not in PRESET_SHAPES:
+            raise ValueError(
+                f"unknown KV preset {preset!r}; known presets: {', '.join(sorted(PRESET_SHAPES))}"
+            )
+        return PRESET_SHAPES[preset]
+    name = "config"
     if not isinstance(model_config, dict):
         path = Path(model_config)
         if path.is_dir():
             path = path / "config.json"
+        name = str(path)
         try:
             model_config = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: cannot read a model config: {exc}") from exc
     cfg = model_config.get("text_config", model_config)
     try:
-        layers = cfg["num_hidden_layers"]
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        windows = layer_windows(cfg)
     except KeyError as exc:
         raise ValueError(f"model config lacks {exc.args[0]!r}, needed for KV bytes per token") from exc
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
-    return 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 2)
+    return KVShape(name, kv_heads, head_dim, _DTYPE_BYTES.get(dtype, 2), windows, f"{name} fields")
+
+
+def kv_bytes_per_token(model_config: str | Path | dict | None = None, preset: str | None = None) -> int:
+    """`2 (K and V) x layers x kv_heads x head_dim x dtype bytes` from an HF config.json or a preset
+    (every layer counted as holding the token; see `KVShape` for sliding-window layers)."""
+    return kv_shape(model_config, preset).bytes_per_token
 
 
 # --- block sizes and compression from the text ------------------------------------------------------
@@ -173,7 +343,10 @@ def block_stats(text: str, count: Callable[[str], int] | None = None) -> BlockSt
 
 @dataclass(frozen=True)
 class TraceKV:
-    """KV usage of one generation under full attention and under MEMENTO eviction."""
+    """KV usage of one generation under full attention and under MEMENTO eviction.
+
+    Token counts and traces are per full-attention layer. With a model `shape`, the byte numbers
+    count every layer by its type (sliding-window layers hold at most their window)."""
 
     prompt_tokens: int
     generated_tokens: int
@@ -186,6 +359,9 @@ class TraceKV:
     memento_tokens: int
     memento_trace: list[int]
     full_trace: list[int]
+    shape: KVShape | None = None
+    full_bytes: KVStats | None = None
+    memento_bytes: KVStats | None = None
 
     @property
     def peak_ratio(self) -> float:
@@ -197,12 +373,19 @@ class TraceKV:
         return self.memento_auc / self.full_auc if self.full_auc else 1.0
 
     @property
+    def peak_bytes_ratio(self) -> float | None:
+        """memento / full peak KV bytes over all layers, by layer type (needs a shape)."""
+        if self.full_bytes is None or self.memento_bytes is None:
+            return None
+        return self.memento_bytes.peak / self.full_bytes.peak if self.full_bytes.peak else 1.0
+
+    @property
     def compression(self) -> float:
         """Memento tokens per block token."""
         return self.memento_tokens / self.block_tokens if self.block_tokens else 0.0
 
     def summary(self) -> dict:
-        return {
+        out = {
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated_tokens,
             "full_peak_kv": self.full_peak,
@@ -216,21 +399,48 @@ class TraceKV:
             "mean_memento_tokens": round(self.memento_tokens / self.blocks, 1) if self.blocks else 0.0,
             "compression": round(self.compression, 4),
         }
+        if self.full_bytes is not None and self.memento_bytes is not None:
+            out["full_peak_bytes"] = self.full_bytes.peak
+            out["memento_peak_bytes"] = self.memento_bytes.peak
+            out["peak_bytes_ratio"] = round(self.peak_bytes_ratio, 4)
+            out["full_auc_bytes"] = self.full_bytes.auc
+            out["memento_auc_bytes"] = self.memento_bytes.auc
+        return out
 
 
 def analyse(
-    token_ids: Sequence[int], prompt_len: int, markers: MarkerIds, config: BlockMaskingConfig | None = None
+    token_ids: Sequence[int],
+    prompt_len: int,
+    markers: MarkerIds,
+    config: BlockMaskingConfig | None = None,
+    shape: KVShape | None = None,
 ) -> TraceKV:
-    """Replay one token stream under full attention and under `config` (default keep 0)."""
+    """Replay one token stream under full attention and under `config` (default keep 0); with a
+    model `shape`, also count bytes over all its layers, each by its attention type."""
+    ids = _as_list(token_ids)
     config = config or BlockMaskingConfig()
-    full = kv_stats(token_ids, markers, BlockMaskingConfig.full(), prompt_len)
-    memento = kv_stats(token_ids, markers, config, prompt_len)
-    tracker = BlockTracker(markers, BlockMaskingConfig.full())
-    tracker.feed_all(token_ids)
+    full_config = config_for_mode("full", config)  # same tracking (assistant gate, delimiters), no eviction
+    full = kv_stats(ids, markers, full_config, prompt_len)
+    memento = kv_stats(ids, markers, config, prompt_len)
+    full_bytes = memento_bytes = None
+    if shape is not None:
+        per_window = {}
+        for window in shape.layer_counts():
+            if window is None:
+                per_window[window] = (full.trace, memento.trace)
+            else:
+                per_window[window] = (
+                    kv_stats(ids, markers, full_config, prompt_len, window).trace,
+                    kv_stats(ids, markers, config, prompt_len, window).trace,
+                )
+        full_bytes = KVStats.from_trace(shape.bytes_trace({w: t[0] for w, t in per_window.items()}))
+        memento_bytes = KVStats.from_trace(shape.bytes_trace({w: t[1] for w, t in per_window.items()}))
+    tracker = BlockTracker(markers, full_config)
+    tracker.feed_all(ids)
     done = [b for b in tracker.blocks if b.complete and b.ss is not None]
     return TraceKV(
         prompt_tokens=prompt_len,
-        generated_tokens=len(token_ids) - prompt_len,
+        generated_tokens=len(ids) - prompt_len,
         full_peak=full.peak,
         full_auc=full.auc,
         memento_peak=memento.peak,
@@ -240,11 +450,15 @@ def analyse(
         memento_tokens=sum(b.se - b.ss - 1 for b in done),
         memento_trace=memento.trace,
         full_trace=full.trace,
+        shape=shape,
+        full_bytes=full_bytes,
+        memento_bytes=memento_bytes,
     )
 
 
-def summarize_traces(results: Sequence[TraceKV], bytes_per_token: int | None = None) -> dict:
-    """Totals over several generations: the largest peaks, summed AUCs, pooled compression."""
+def summarize_traces(results: Sequence[TraceKV], shape: KVShape | None = None) -> dict:
+    """Totals over several generations: the largest peaks, summed AUCs, pooled compression; with a
+    shape, the largest peak bytes over all layers by type."""
     full_peak = max(r.full_peak for r in results)
     memento_peak = max(r.memento_peak for r in results)
     full_auc = sum(r.full_auc for r in results)
@@ -262,8 +476,14 @@ def summarize_traces(results: Sequence[TraceKV], bytes_per_token: int | None = N
         "blocks": sum(r.blocks for r in results),
         "compression": sum(r.memento_tokens for r in results) / block_tokens if block_tokens else 0.0,
     }
-    if bytes_per_token:
-        out["bytes_per_token"] = bytes_per_token
-        out["full_peak_bytes"] = full_peak * bytes_per_token
-        out["memento_peak_bytes"] = memento_peak * bytes_per_token
+    if shape is not None and all(r.full_bytes and r.memento_bytes for r in results):
+        full_bytes = max(r.full_bytes.peak for r in results)
+        memento_bytes = max(r.memento_bytes.peak for r in results)
+        out["kv_shape"] = shape.name
+        out["layers"] = shape.describe()
+        out["bytes_per_token"] = shape.bytes_per_token
+        out["full_peak_bytes"] = full_bytes
+        out["memento_peak_bytes"] = memento_bytes
+        out["peak_bytes_ratio"] = memento_bytes / full_bytes if full_bytes else 1.0
+        out["mean_peak_bytes_ratio"] = sum(r.peak_bytes_ratio for r in results) / len(results)
     return out

@@ -110,9 +110,13 @@ def kv(
         help="HF tokenizer directory (default: the built-in toy tokenizer; counts approximate).",
     ),
     model_config: Path | None = typer.Option(
-        None, "--model-config", help="config.json giving KV bytes per token."
+        None, "--model-config", help="config.json giving the KV shape (layers by type, heads, dtype)."
     ),
-    preset: str | None = typer.Option(None, "--preset", help="Named model shape for bytes, e.g. qwen3-8b."),
+    preset: str | None = typer.Option(
+        None,
+        "--preset",
+        help="Named model shape for bytes: qwen3-8b, qwen3-32b, phi-4-reasoning, olmo-3-7b.",
+    ),
     keep_last_n_blocks: int = typer.Option(0, "--keep-last-n-blocks"),
     mask_delimiters: bool = typer.Option(False, "--mask-delimiters/--no-mask-delimiters"),
     keep_last_block_for_answer: bool = typer.Option(False, "--keep-last-block-for-answer"),
@@ -124,7 +128,7 @@ def kv(
     from rich.console import Console
     from rich.table import Table
 
-    from memento.kv import analyse, kv_bytes_per_token, summarize_traces
+    from memento.kv import analyse, kv_shape, summarize_traces
     from memento.masking import BlockMaskingConfig
     from memento.tokens import MarkerIds
 
@@ -135,13 +139,7 @@ def kv(
             mask_delimiters=mask_delimiters,
             keep_last_block_for_answer=keep_last_block_for_answer,
         )
-        bytes_per_token = (
-            kv_bytes_per_token(model_config, None)
-            if model_config
-            else kv_bytes_per_token(None, preset)
-            if preset
-            else None
-        )
+        shape = kv_shape(model_config, None) if model_config else kv_shape(None, preset) if preset else None
         generations = load_generations(input_file)
         if plot is not None and not 0 <= plot_index < len(generations):
             raise ValueError(
@@ -169,23 +167,17 @@ def kv(
         if not prompt_ids or not output_ids:
             err.print(f"[yellow]warning:[/yellow] {gen.name}: empty prompt or generation, skipped")
             continue
-        results.append((gen, analyse(prompt_ids + output_ids, len(prompt_ids), markers, config)))
+        results.append((gen, analyse(prompt_ids + output_ids, len(prompt_ids), markers, config, shape)))
     if not results:
         err.print("[red]error:[/red] nothing to account for")
         raise typer.Exit(2)
 
-    totals = summarize_traces([r for _, r in results], bytes_per_token)
+    totals = summarize_traces([r for _, r in results], shape)
     if plot is not None:
         gen, result = results[min(plot_index, len(results) - 1)]
         _plot(plot, gen.name, result)
     if as_json:
-        per_trace = []
-        for gen, r in results:
-            row = {"name": gen.name, **r.summary()}
-            if bytes_per_token:
-                row["full_peak_bytes"] = r.full_peak * bytes_per_token
-                row["memento_peak_bytes"] = r.memento_peak * bytes_per_token
-            per_trace.append(row)
+        per_trace = [{"name": gen.name, **r.summary()} for gen, r in results]
         typer.echo(json.dumps({"config": config.to_dict(), "traces": per_trace, "total": totals}, indent=2))
         return
 
@@ -213,10 +205,12 @@ def kv(
         f"({totals['peak_reduction']:.2f}× lower), AUC {totals['auc_reduction']:.2f}× lower, "
         f"compression {totals['compression']:.1%}"
     )
-    if bytes_per_token:
+    if shape is not None:
         console.print(
-            f"bytes: {bytes_per_token / 1024:.0f} KiB/token → peak {totals['full_peak_bytes'] / 2**30:.3f} GiB "
-            f"vs {totals['memento_peak_bytes'] / 2**30:.3f} GiB (largest single generation)"
+            f"bytes ({shape.name}: {shape.describe()}, {shape.bytes_per_layer_token // 1024} KiB per token "
+            f"per layer): peak {totals['full_peak_bytes'] / 2**30:.3f} GiB full attention vs "
+            f"{totals['memento_peak_bytes'] / 2**30:.3f} GiB MEMENTO = {totals['peak_bytes_ratio']:.2f}× "
+            "(largest single generation; sliding-window layers count at most their window)"
         )
 
 

@@ -92,7 +92,13 @@ def eval_command(
             id_field=id_field,
             limit=limit,
         )
-        bytes_per_token = _bytes_per_token(model, model_config, kv_preset)
+        shape = _kv_shape(model, model_config, kv_preset)
+        bytes_per_token = shape.bytes_per_token if shape else None
+        if shape is not None and shape.sliding:
+            err.print(
+                f"[yellow]note:[/yellow] {shape.name} has sliding-window layers ({shape.describe()}); "
+                "the GB rows count every layer as full attention; `memento kv` counts bytes per layer type"
+            )
         results_path = output_dir / RESULTS
         if overwrite and results_path.exists():
             results_path.unlink()
@@ -155,16 +161,17 @@ def eval_command(
         err.print(f"wrote {output_dir / RESULTS}, summary.json, report.md")
 
 
-def _bytes_per_token(model: str | None, model_config: Path | None, kv_preset: str | None) -> int | None:
-    from memento.kv import kv_bytes_per_token
+def _kv_shape(model: str | None, model_config: Path | None, kv_preset: str | None):
+    """The model's KV shape for the GB rows: a preset, a config.json, or the model directory's."""
+    from memento.kv import kv_shape
 
     if kv_preset:
-        return kv_bytes_per_token(None, kv_preset)
+        return kv_shape(None, kv_preset)
     if model_config:
-        return kv_bytes_per_token(model_config, None)
+        return kv_shape(model_config, None)
     if model and (Path(model) / "config.json").exists():
         try:
-            return kv_bytes_per_token(Path(model) / "config.json", None)
+            return kv_shape(Path(model) / "config.json", None)
         except ValueError:
             return None
     return None
