@@ -64,12 +64,48 @@ def test_other_settings_in_same_dir_are_refused(smoke_run):
         run_demo(DemoConfig(out=out, profile="smoke", seed=1), Ui())
 
 
-def test_cli_lists_demo_and_validates_minutes(tmp_path):
+def _without_timings(value):
+    """The report minus what depends on the machine's speed (and the output path)."""
+    if isinstance(value, dict):
+        return {
+            k: _without_timings(v)
+            for k, v in value.items()
+            if k not in ("seconds", "train_seconds", "tokens_per_s", "wall_seconds", "timings_s",
+                         "total_seconds", "plots")
+        }  # fmt: skip
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def test_same_seed_gives_the_same_report_numbers(smoke_run, tmp_path):
+    _, report = smoke_run
+    again = run_demo(DemoConfig(out=tmp_path / "again", profile="smoke"), Ui())
+    assert _without_timings(again) == _without_timings(report)
+    steps = {run: report["training"][run]["steps"] for run in ("base", "control", "stage1", "stage2")}
+    smoke = PROFILES["smoke"]
+    assert steps == {
+        "base": smoke.base_steps,
+        "control": smoke.stage1_steps + smoke.stage2_steps,
+        "stage1": smoke.stage1_steps,
+        "stage2": smoke.stage2_steps,
+    }
+
+
+def test_scale_multiplies_steps():
+    cfg = DemoConfig(out="x", profile="default", scale=0.5)
+    assert cfg.settings.stage1_steps == round(PROFILES["default"].stage1_steps * 0.5)
+    assert cfg.fingerprint() != DemoConfig(out="x", profile="default").fingerprint()
+
+
+def test_cli_lists_demo_and_validates_scale(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["demo", "--help"])
-    assert result.exit_code == 0 and "--quick" in result.output and "--minutes" in result.output
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "x"), "--minutes", "-1"])
+    assert result.exit_code == 0 and "--quick" in result.output and "--scale" in result.output
+    assert "--minutes" not in result.output
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "x"), "--scale", "-1"])
     assert result.exit_code != 0
+    assert not (tmp_path / "x").exists()
 
 
 def test_well_formed_rules():

@@ -14,12 +14,14 @@ def demo_command(
         Path("memento-demo"), "--out", help="Directory for data, models, report and plots."
     ),
     quick: bool = typer.Option(
-        False, "--quick", help="A smaller run that finishes in about 5 minutes (CI smoke test)."
+        False, "--quick", help="A smaller, shorter run (about 5 minutes on 2 CPU cores)."
     ),
-    minutes: float | None = typer.Option(
-        None, "--minutes", help="Total training minutes (control + stage 1 + stage 2); more learns more."
+    scale: float = typer.Option(
+        1.0, "--scale", help="Multiply every training run's optimizer steps (2 = train twice as long)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed for data and model initialisation."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed for the data, the model initialisation and the training order."
+    ),
     threads: int = typer.Option(
         1, "--threads", help="torch CPU threads; one is fastest for this tiny model on a busy machine."
     ),
@@ -28,14 +30,16 @@ def demo_command(
 ) -> None:
     """Train a tiny MEMENTO model from scratch on the CPU and show the KV sawtooth.
 
-    Re-running with the same --out resumes after the last finished stage."""
+    Training budgets are optimizer steps: the same --seed and --threads give the same report
+    numbers on any machine (only the timings differ). Re-running with the same --out resumes after
+    the last finished stage."""
     from rich.console import Console
 
     from memento.toy.demo import DemoConfig, Ui, run_demo
 
     profile = "smoke" if smoke else "quick" if quick else "default"
     try:
-        cfg = DemoConfig(out=out, profile=profile, minutes=minutes, seed=seed, threads=threads)
+        cfg = DemoConfig(out=out, profile=profile, scale=scale, seed=seed, threads=threads)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     # Bound to the real stream: the demo silences library prints by redirecting sys.stdout.

@@ -35,8 +35,8 @@ MODE_LABELS = {
 
 @dataclass(frozen=True)
 class Profile:
-    """Sizes and budgets of one demo setting. Budgets are wall-clock seconds of training per run,
-    so the demo takes about the same time on any machine (and learns more on a faster one)."""
+    """Sizes and budgets of one demo setting. Budgets are optimizer steps (not seconds), so a seed
+    gives the same models and the same report numbers on any machine, however busy."""
 
     name: str
     block_steps: int
@@ -49,12 +49,13 @@ class Profile:
     hidden: int
     heads: int
     kv_heads: int
-    train_seconds: float  # total over the three trainings (control, stage 1, stage 2)
+    base_steps: int  # the base reasoner, from scratch
+    stage1_steps: int  # MEMENTO stage 1 (full attention), from the base
+    stage2_steps: int  # MEMENTO stage 2 (block mask), from stage 1
+    warmup_steps: int = 30  # linear warm-up, then a cosine decay to zero at the run's last step
     batch_size: int = 6  # small batches, many steps: what a tiny model learns fastest from on a CPU
-    lr: float = 5e-3  # from scratch (control)
-    finetune_lr: float = 2e-3  # stage 1 and stage 2, starting from the control model
-    # Of train_seconds: base, control, stage 1, stage 2 (control and stage 1 + 2 get equal time).
-    shares: tuple[float, float, float, float] = (0.3, 0.35, 0.15, 0.2)
+    lr: float = 5e-3  # from scratch (base)
+    finetune_lr: float = 2e-3  # control, stage 1 and stage 2, starting from the base
     n_examples: int = 3
     eval_batch: int = 32
     max_new: int = 0  # 0 = derived from the longest held-out solution
@@ -66,28 +67,54 @@ class Profile:
             digits=self.digits, block_steps=self.block_steps, min_steps=1, max_steps=self.max_steps
         )
 
+    @property
+    def control_steps(self) -> int:
+        """The control trains on from the base for exactly as long as stage 1 + stage 2."""
+        return self.stage1_steps + self.stage2_steps
 
-# Why four runs (`Profile.shares`): as in the paper, MEMENTO fine-tunes a model that can already
-# reason. The base learns the task from scratch on the traces without markers; from it, the
-# control trains on (same format) for as long as stage 1 + stage 2 teach the MEMENTO model blocks,
-# mementos and life with evictions, so both final models have had the same training time.
+    def steps(self, run: str) -> int:
+        return {
+            "base": self.base_steps,
+            "control": self.control_steps,
+            "stage1": self.stage1_steps,
+            "stage2": self.stage2_steps,
+        }[run]
+
+    def scaled(self, scale: float) -> Profile:
+        """Every run `scale` times as many steps (at least one each)."""
+        if scale == 1.0:
+            return self
+        return replace(
+            self,
+            base_steps=max(1, round(self.base_steps * scale)),
+            stage1_steps=max(1, round(self.stage1_steps * scale)),
+            stage2_steps=max(1, round(self.stage2_steps * scale)),
+        )
+
+
+# Why four runs: as in the paper, MEMENTO fine-tunes a model that can already reason. The base
+# learns the task from scratch on the traces without markers; from it, the control trains on (same
+# format) for as many steps as stage 1 + stage 2 teach the MEMENTO model blocks, mementos and life
+# with evictions, so both final models have had the same training on the same problems.
 RUNS = ("base", "control", "stage1", "stage2")
 
 
 PROFILES: dict[str, Profile] = {
     "default": Profile(
         "default", digits=2, block_steps=2, max_steps=12, test_min_steps=10, test_max_steps=12,
-        n_train=12000, n_test=200, layers=4, hidden=128, heads=4, kv_heads=2, train_seconds=1000,
+        n_train=12000, n_test=200, layers=4, hidden=128, heads=4, kv_heads=2,
+        base_steps=800, stage1_steps=300, stage2_steps=430,
     ),
     "quick": Profile(
         "quick", digits=2, block_steps=2, max_steps=12, test_min_steps=10, test_max_steps=12,
-        n_train=4000, n_test=48, layers=4, hidden=128, heads=4, kv_heads=2, train_seconds=220,
-        shares=(0.4, 0.225, 0.15, 0.225),
+        n_train=4000, n_test=48, layers=4, hidden=128, heads=4, kv_heads=2,
+        base_steps=235, stage1_steps=90, stage2_steps=130,
     ),
     # Tests only: seconds, not minutes; checks the plumbing, not the learning.
     "smoke": Profile(
         "smoke", block_steps=1, max_steps=3, test_min_steps=3, test_max_steps=3,
-        n_train=64, n_test=4, layers=1, hidden=32, heads=2, kv_heads=1, train_seconds=6,
+        n_train=64, n_test=4, layers=1, hidden=32, heads=2, kv_heads=1,
+        base_steps=12, stage1_steps=6, stage2_steps=6, warmup_steps=3,
         batch_size=8, n_examples=2, eval_batch=4, max_new=48,
     ),
 }  # fmt: skip
@@ -95,27 +122,26 @@ PROFILES: dict[str, Profile] = {
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """One demo run. `minutes` overrides the profile's total training budget."""
+    """One demo run. `scale` multiplies every training run's steps (2.0 = train twice as long)."""
 
     out: Path
     profile: str = "default"
-    minutes: float | None = None
+    scale: float = 1.0
     seed: int = 0
-    threads: int = 1  # torch CPU threads; not part of the fingerprint (results do not depend on it)
+    threads: int = 1  # torch CPU threads; not part of the fingerprint (a resume may use others)
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
         if self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ValueError(f"--minutes must be positive, got {self.minutes}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"--scale must be a positive number, got {self.scale}")
         object.__setattr__(self, "out", Path(self.out))
 
     @property
     def settings(self) -> Profile:
-        p = PROFILES[self.profile]
-        return p if self.minutes is None else replace(p, train_seconds=60.0 * self.minutes)
+        return PROFILES[self.profile].scaled(self.scale)
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a re-run to resume from stages already on disk."""
@@ -325,48 +351,33 @@ def stage_data(cfg: DemoConfig, ui: Ui) -> dict:
     return {"params": params, "vocab": len(tokenizer), "n_train": len(train), "n_test": len(test)}
 
 
-def _time_budget_callback(seconds: float, peak_lr: float, on_step: Callable[[float, float | None], None]):
-    """A Trainer callback that makes training last `seconds` of wall time: linear warm-up, then a
-    cosine decay driven by elapsed time (not steps), and a stop once the time is spent."""
+def _progress_callback(on_step: Callable[[int, int, float | None], None]):
+    """A Trainer callback that reports (step, max_steps, last logged loss) after every step."""
     from transformers import TrainerCallback
 
-    class TimeBudget(TrainerCallback):
-        warmup_steps = 30
-
+    class StepProgress(TrainerCallback):
         def __init__(self) -> None:
-            self.start: float | None = None
             self.loss: float | None = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.loss = float(logs["loss"])
 
-        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-            frac = min(1.0, (time.perf_counter() - self.start) / seconds)
-            warm = min(1.0, (state.global_step + 1) / self.warmup_steps)
-            lr = peak_lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-            if optimizer is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            on_step(frac, self.loss)
-            if frac >= 1.0:
-                control.should_training_stop = True
-            return control
+        def on_step_end(self, args, state, control, **kwargs):
+            on_step(state.global_step, state.max_steps, self.loss)
 
-    return TimeBudget()
+    return StepProgress()
 
 
 def stage_train(cfg: DemoConfig, ui: Ui, run: str) -> dict:
     """One training run through `memento.train`: base (format control, stage full, from scratch),
     control (the same, from base), stage1 (format memento, stage full, from base) or stage2
-    (format memento, stage memento, from stage1)."""
+    (format memento, stage memento, from stage1). A fixed number of optimizer steps with a linear
+    warm-up and a cosine decay by step, so the result depends on the seed, not on the machine."""
     from memento.train import SFTConfig, train
 
     s, paths = cfg.settings, _paths(cfg)
-    seconds = s.train_seconds * s.shares[RUNS.index(run)]
+    steps = s.steps(run)
     fmt, stage, start = {
         "base": ("control", "full", paths["init"]),
         "control": ("control", "full", paths["base"]),
@@ -383,14 +394,14 @@ def stage_train(cfg: DemoConfig, ui: Ui, run: str) -> dict:
         output_dir=str(out),
         stage=stage,
         format=fmt,
-        max_steps=1_000_000,  # the time budget stops training
+        max_steps=steps,
         lr=peak_lr,
-        lr_scheduler="constant",  # the callback sets the lr from elapsed time
-        warmup_ratio=0.0,
+        lr_scheduler="cosine",
+        warmup_ratio=min(s.warmup_steps, steps - 1) / steps,
         weight_decay=0.01,
         adam_beta2=0.98,
         batch_size=s.batch_size,
-        save_steps=1_000_000,
+        save_steps=steps + 1,  # no intermediate checkpoints
         logging_steps=5,
         seed=cfg.seed,
         progress=False,
@@ -399,14 +410,15 @@ def stage_train(cfg: DemoConfig, ui: Ui, run: str) -> dict:
              "stage1": "stage 1 (from base, full attention)",
              "stage2": "stage 2 (memento mask)"}[run]  # fmt: skip
     with ui.progress() as bar:
-        task_id = bar.add_task(f"  train {label}", total=1.0, info="")
+        task_id = bar.add_task(f"  train {label}", total=steps, info="")
 
-        def on_step(frac: float, loss: float | None) -> None:
-            bar.update(task_id, completed=frac, info=f"loss {loss:.3f}" if loss is not None else "")
+        def on_step(step: int, total: int, loss: float | None) -> None:
+            info = f"step {step}/{total}" + (f" · loss {loss:.3f}" if loss is not None else "")
+            bar.update(task_id, completed=step, info=info)
 
         # The Trainer prints its metrics dicts; the bar and the summary line below replace them.
         with contextlib.redirect_stdout(io.StringIO()):
-            result = train(sft, callbacks=[_time_budget_callback(seconds, peak_lr, on_step)])
+            result = train(sft, callbacks=[_progress_callback(on_step)])
     for ckpt in out.glob("checkpoint-*"):
         shutil.rmtree(ckpt, ignore_errors=True)
     ui.log(
@@ -415,10 +427,10 @@ def stage_train(cfg: DemoConfig, ui: Ui, run: str) -> dict:
     )
     return {
         "steps": result.global_step,
+        "train_tokens": result.train_tokens,
+        "final_loss": result.final_loss,
         "train_seconds": round(result.seconds, 2),
         "tokens_per_s": round(result.tokens_per_s, 1),
-        "final_loss": result.final_loss,
-        "budget_seconds": seconds,
     }
 
 
