@@ -10,19 +10,29 @@ from pathlib import Path
 def read_jsonl(path: str | Path, what: str = "file") -> Iterator[tuple[str, object]]:
     """Yield `(where, record)` for each non-blank line, `where` being `"path:line"`.
 
-    An unreadable file or a line that is not JSON raises ValueError naming it (`what` says which
-    kind of file it was, e.g. "benchmark file"). Records are not checked: callers validate them.
+    An unreadable file, a line that is not UTF-8 text (e.g. a binary file) or not JSON raises
+    ValueError naming it (`what` says which kind of file it was, e.g. "benchmark file"). Records
+    are not checked: callers validate them.
     """
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{path}: is a directory, expected a {what} (JSON Lines)")
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        data = p.read_bytes()
     except OSError as exc:
-        raise ValueError(f"{path}: cannot read {what}: {exc}") from exc
-    for lineno, line in enumerate(lines, 1):
+        raise ValueError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{where}: not UTF-8 text (byte {exc.start}); expected a {what} in JSON Lines"
+            ) from None
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON: {exc}") from exc
+            raise ValueError(f"{where}: not valid JSON: {exc}") from None
         yield where, record

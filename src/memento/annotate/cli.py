@@ -7,14 +7,16 @@ from pathlib import Path
 
 import typer
 
+from memento.annotate.sources import DEFAULT_MAX_CHARS
+
 
 def _parse_shard(spec: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise typer.BadParameter(f"--shard {spec!r}: expected i/n with 0 <= i < n, e.g. 0/4") from None
+        i, n = -1, 0
     if not 0 <= i < n:
-        raise typer.BadParameter(f"--shard {spec!r}: expected i/n with 0 <= i < n, e.g. 0/4")
+        raise ValueError(f"--shard {spec!r}: expected i/n with 0 <= i < n, e.g. 0/4")
     return i, n
 
 
@@ -68,60 +70,74 @@ def register(app: typer.Typer) -> None:
             None, help="Field with a unique id (default: id, task_id, row number)."
         ),
         min_chars: int = typer.Option(0, help="Reject traces whose thinking is shorter (characters)."),
-        max_chars: int | None = typer.Option(
-            None, help="Reject traces whose thinking is longer (characters)."
+        max_chars: int = typer.Option(
+            DEFAULT_MAX_CHARS,
+            help="Size guard: reject traces whose thinking is longer (characters; 0 = no limit).",
         ),
         allow_incomplete: bool = typer.Option(False, help="Keep traces without a closing think tag."),
         max_consecutive_failures: int = typer.Option(20, help="Stop after this many failed traces in a row."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
         json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
     ) -> None:
-        """Raw chain-of-thought traces → Memento traces (blocks + mementos), with stats."""
+        """Raw chain-of-thought traces → Memento traces (blocks + mementos), with stats.
+
+        Resumable: rerun the same command after a stop (Ctrl-C, a kill) and it continues where it was."""
         from memento.annotate.llm import EndpointUnreachable, LLMConfig
         from memento.annotate.mementos import MementoConfig
         from memento.annotate.runner import AnnotateConfig, RunAborted, run
         from memento.annotate.scoring import ScoringConfig
-        from memento.annotate.sources import SourceConfig, SourceError
+        from memento.annotate.sources import SourceConfig
+        from memento.user_errors import check_output_dir, reported
 
-        shard_i, shard_n = _parse_shard(shard)
-        try:
-            cfg = AnnotateConfig(
-                backend=backend,
-                min_block_tokens=min_block_tokens,
-                variance_penalty=variance_penalty,
-                limit=limit,
-                shard_index=shard_i,
-                shard_count=shard_n,
-                workers=workers,
-                tokenizer=tokenizer,
-                max_consecutive_failures=max_consecutive_failures,
-                progress=progress,
-                scoring=ScoringConfig(two_pass=two_pass),
-                mementos=MementoConfig(max_iterations=max_iterations, score_threshold=score_threshold),
-                source=SourceConfig(
-                    problem_field=problem_field,
-                    cot_field=cot_field,
-                    id_field=id_field,
-                    require_closing_tag=not allow_incomplete,
-                    min_chars=min_chars,
-                    max_chars=max_chars,
-                ),
-                llm=LLMConfig(
-                    model=model,
-                    base_url=base_url,
-                    api_key=api_key,
-                    concurrency=concurrency,
-                    timeout_s=timeout,
-                    max_attempts=max_attempts,
-                    json_mode=json_mode,
-                ),
+        resume = f"finished traces are kept in {output_dir}; rerun the same command to resume"
+        with reported("annotate", resume=resume):
+            try:
+                shard_i, shard_n = _parse_shard(shard)
+                check_output_dir(output_dir)
+                if tokenizer not in (None, "", "default", "regex") and not Path(tokenizer).is_dir():
+                    raise ValueError(f"--tokenizer {tokenizer}: no such directory (or use 'regex')")
+                cfg = AnnotateConfig(
+                    backend=backend,
+                    min_block_tokens=min_block_tokens,
+                    variance_penalty=variance_penalty,
+                    limit=limit,
+                    shard_index=shard_i,
+                    shard_count=shard_n,
+                    workers=workers,
+                    tokenizer=tokenizer,
+                    max_consecutive_failures=max_consecutive_failures,
+                    progress=progress,
+                    scoring=ScoringConfig(two_pass=two_pass),
+                    mementos=MementoConfig(max_iterations=max_iterations, score_threshold=score_threshold),
+                    source=SourceConfig(
+                        problem_field=problem_field,
+                        cot_field=cot_field,
+                        id_field=id_field,
+                        require_closing_tag=not allow_incomplete,
+                        min_chars=min_chars,
+                        max_chars=max_chars or None,
+                    ),
+                    llm=LLMConfig(
+                        model=model,
+                        base_url=base_url,
+                        api_key=api_key,
+                        concurrency=concurrency,
+                        timeout_s=timeout,
+                        max_attempts=max_attempts,
+                        json_mode=json_mode,
+                    ),
+                )
+                if backend == "openai":
+                    cfg.llm.resolved_key()
+                summary = run(input_path, output_dir, cfg)
+            except (EndpointUnreachable, RunAborted) as e:
+                raise ValueError(str(e)) from None
+        for where, chars in summary.source.too_long[:3]:
+            typer.echo(
+                f"note: {where}: thinking is {chars:,} characters, over --max-chars {max_chars:,}: skipped "
+                "(raise --max-chars to annotate it)",
+                err=True,
             )
-            if backend == "openai":
-                cfg.llm.resolved_key()
-            summary = run(input_path, output_dir, cfg)
-        except (SourceError, EndpointUnreachable, RunAborted, ValueError, FileNotFoundError, OSError) as e:
-            typer.echo(f"memento annotate: error: {e}", err=True)
-            raise typer.Exit(2) from None
         result = {
             "output_dir": str(summary.output_dir),
             "processed": summary.processed,

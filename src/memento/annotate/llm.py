@@ -56,8 +56,14 @@ class LLMConfig:
     json_mode: bool = False
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1 or self.max_attempts < 1 or self.timeout_s <= 0 or self.backoff_s < 0:
-            raise ValueError(f"invalid LLMConfig: {self}")
+        for flag, bad in (
+            ("--concurrency must be >= 1", self.concurrency < 1),
+            ("--max-attempts must be >= 1", self.max_attempts < 1),
+            ("--timeout must be > 0 seconds", not self.timeout_s > 0),
+            ("backoff_s must be >= 0", self.backoff_s < 0),
+        ):
+            if bad:
+                raise ValueError(f"{flag} (LLM settings: model {self.model!r})")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LLMConfig:

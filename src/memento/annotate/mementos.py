@@ -182,9 +182,11 @@ class MementoConfig:
 
     def __post_init__(self) -> None:
         if self.max_iterations < 1:
-            raise ValueError("max_iterations must be >= 1 (each round judges one memento)")
+            raise ValueError(
+                f"--max-iterations must be >= 1 (each round judges one memento), got {self.max_iterations}"
+            )
         if not 0 <= self.score_threshold <= 10:
-            raise ValueError("score_threshold must be within 0..10")
+            raise ValueError(f"--score-threshold must be within 0..10, got {self.score_threshold}")
 
 
 @dataclass

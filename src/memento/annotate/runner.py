@@ -15,15 +15,15 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from memento.annotate.llm import EndpointUnreachable, LLMClient, LLMConfig
+from memento.annotate.llm import LLMClient, LLMConfig
 from memento.annotate.mementos import (
     ExtractiveConfig,
     MementoConfig,
@@ -36,7 +36,7 @@ from memento.annotate.mementos import (
 from memento.annotate.scoring import ScoringConfig, fill_missing, heuristic_scores, llm_scores
 from memento.annotate.segmentation import SegmentationWarning, objective, segment
 from memento.annotate.sentences import SplitConfig, TokenCounter, load_token_counter, split_sentences
-from memento.annotate.sources import RawTrace, SourceConfig, SourceReport, iter_traces
+from memento.annotate.sources import RawTrace, SourceConfig, SourceReport, iter_traces, no_usable_traces
 from memento.format import Block, MementoTrace
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,15 @@ class AnnotateConfig:
             raise ValueError(
                 f"shard {self.shard_index}/{self.shard_count}: need 0 <= i < n (e.g. --shard 0/4)"
             )
-        if self.workers < 1 or self.min_block_tokens < 0 or self.variance_penalty < 0:
-            raise ValueError("workers must be >= 1, min_block_tokens and variance_penalty >= 0")
-        if self.limit is not None and self.limit < 0:
-            raise ValueError("limit must be >= 0")
+        for name, value, low in (
+            ("workers", self.workers, 1),
+            ("min_block_tokens", self.min_block_tokens, 0),
+            ("variance_penalty", self.variance_penalty, 0),
+            ("max_consecutive_failures", self.max_consecutive_failures, 1),
+            ("limit", self.limit, 1),
+        ):
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AnnotateConfig:
@@ -130,48 +135,89 @@ class RunSummary:
 # One trace
 
 
+def offline_record(
+    raw: RawTrace, cfg: AnnotateConfig, counter: TokenCounter, on_stage: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """The record of one trace with the offline backend (heuristic scores, extractive mementos).
+
+    Plain synchronous code, so Ctrl-C interrupts it at once; `on_stage` hears which step a long
+    trace is in (progress for traces that take minutes)."""
+    t0 = time.perf_counter()
+    stage = on_stage or (lambda text: None)
+    stage("splitting sentences")
+    sentences = split_sentences(raw.thinking, counter, cfg.split)
+    token_counts = [counter.count(s) for s in sentences]
+    heur = list(heuristic_scores(sentences))
+    stage(f"segmenting {len(sentences):,} sentences")
+    blocks, seg_warning = _segment(token_counts, heur, cfg)
+    texts = [block_text(sentences, a, b) for a, b in blocks]
+    stage(f"writing {len(texts):,} mementos")
+    results = [MementoResult(extractive_memento(t, counter, cfg.extractive), None) for t in texts]
+    scoring: dict[str, Any] = {"backend": "heuristic", "failures": [], "filled_from_heuristic": []}
+    return _record(raw, cfg, counter, None, sentences, token_counts, heur, heur, scoring, blocks, seg_warning,
+                   texts, results, t0)  # fmt: skip
+
+
 async def annotate_trace(
     raw: RawTrace, cfg: AnnotateConfig, counter: TokenCounter, client: LLMClient | None
 ) -> dict[str, Any]:
     """The record of one trace. Raises when a block ends up with no memento (the trace is retried)."""
+    if client is None:
+        return offline_record(raw, cfg, counter)
     t0 = time.perf_counter()
     sentences = split_sentences(raw.thinking, counter, cfg.split)
     token_counts = [counter.count(s) for s in sentences]
     heur = heuristic_scores(sentences)
-    scoring: dict[str, Any] = {"backend": cfg.backend if cfg.backend == "openai" else "heuristic"}
-    if client is not None:
-        res = await llm_scores(client, raw.problem, sentences, cfg.scoring)
-        raw_scores: list[float | None] = res.scores
-        used, filled = fill_missing(res.scores, heur)
-        scoring.update(
-            passes=res.passes,
-            window_sizes=[cfg.scoring.window, cfg.scoring.second_window]
-            if cfg.scoring.two_pass
-            else [cfg.scoring.window],
-            failures=[asdict(f) for f in res.failures],
-            filled_from_heuristic=filled,
-        )
-    else:
-        raw_scores, used = list(heur), list(heur)
-        scoring.update(failures=[], filled_from_heuristic=[])
+    res = await llm_scores(client, raw.problem, sentences, cfg.scoring)
+    raw_scores: list[float | None] = res.scores
+    used, filled = fill_missing(res.scores, heur)
+    scoring: dict[str, Any] = {
+        "backend": "openai",
+        "passes": res.passes,
+        "window_sizes": [cfg.scoring.window, cfg.scoring.second_window]
+        if cfg.scoring.two_pass
+        else [cfg.scoring.window],
+        "failures": [asdict(f) for f in res.failures],
+        "filled_from_heuristic": filled,
+    }
+    blocks, seg_warning = _segment(token_counts, used, cfg)
+    texts = [block_text(sentences, a, b) for a, b in blocks]
+    results = await asyncio.gather(*(llm_memento(client, raw.problem, t, cfg.mementos) for t in texts))
+    return _record(raw, cfg, counter, client, sentences, token_counts, raw_scores, used, scoring, blocks,
+                   seg_warning, texts, list(results), t0)  # fmt: skip
 
+
+def _segment(token_counts: list[int], scores: list[float], cfg: AnnotateConfig) -> tuple[list, str | None]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SegmentationWarning)
         blocks = segment(
             token_counts,
-            used,
+            scores,
             min_block_tokens=cfg.min_block_tokens,
             variance_penalty=cfg.variance_penalty,
             min_blocks=cfg.min_blocks,
             max_blocks=cfg.max_blocks,
         )
     seg_warning = next((str(w.message) for w in caught if issubclass(w.category, SegmentationWarning)), None)
-    texts = [block_text(sentences, a, b) for a, b in blocks]
+    return blocks, seg_warning
 
-    if client is not None:
-        results = await asyncio.gather(*(llm_memento(client, raw.problem, t, cfg.mementos) for t in texts))
-    else:
-        results = [MementoResult(extractive_memento(t, counter, cfg.extractive), None) for t in texts]
+
+def _record(
+    raw: RawTrace,
+    cfg: AnnotateConfig,
+    counter: TokenCounter,
+    client: LLMClient | None,
+    sentences: list[str],
+    token_counts: list[int],
+    raw_scores: list[float | None],
+    used: list[float],
+    scoring: dict[str, Any],
+    blocks: list,
+    seg_warning: str | None,
+    texts: list[str],
+    results: list[MementoResult],
+    t0: float,
+) -> dict[str, Any]:
     missing = [i for i, r in enumerate(results) if r.memento is None]
     if missing:
         first = results[missing[0]].failures[-1] if results[missing[0]].failures else "no memento"
@@ -219,9 +265,27 @@ async def annotate_trace(
     }
 
 
-def _offline_worker(raw: RawTrace, cfg: AnnotateConfig) -> dict[str, Any]:
+def _offline_worker(job: tuple[RawTrace, AnnotateConfig]) -> tuple[str, dict[str, Any] | None, str | None]:
     """Process-pool entry point for the offline backend (each process loads its own tokenizer)."""
-    return asyncio.run(annotate_trace(raw, cfg, load_token_counter(cfg.tokenizer), None))
+    raw, cfg = job
+    try:
+        return raw.id, offline_record(raw, cfg, _worker_counter(cfg.tokenizer)), None
+    except Exception as e:  # noqa: BLE001 - recorded, retried on the next run
+        return raw.id, None, f"{type(e).__name__}: {e}"
+
+
+_COUNTERS: dict[str | None, TokenCounter] = {}
+
+
+def _worker_counter(spec: str | None) -> TokenCounter:
+    if spec not in _COUNTERS:
+        _COUNTERS[spec] = load_token_counter(spec)
+    return _COUNTERS[spec]
+
+
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the parent, which stops them (no tracebacks from children)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,105 +401,158 @@ def run(
     counter: TokenCounter | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunSummary:
-    """Annotate every selected trace not yet in `output_dir`; returns counts and the stats."""
+    """Annotate every selected trace not yet in `output_dir`; returns counts and the stats.
+
+    Nothing is written before the input, the tokenizer and (for `openai`) the endpoint have been
+    checked. Every finished trace is on disk (fsynced) before the next one is reported, whatever
+    the worker count, so Ctrl-C or a kill loses at most the traces in flight."""
     from memento.annotate.stats import write_stats
 
     out = Path(output_dir)
     report = SourceReport()
     todo_all = select_traces(input_path, cfg, report)  # errors in the input surface before any write
+    if report.accepted == 0:
+        raise no_usable_traces(input_path, report)
     counter = counter or load_token_counter(cfg.tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    done = load_records(out)
-    rebuild_traces(out, done)
-    done_ids = {r["id"] for r in done}
-    todo = [r for r in todo_all if r.id not in done_ids]
-    _atomic_write(out / "config.json", json.dumps(cfg.public_dict(), indent=2, default=str) + "\n")
-
-    processed, failed = asyncio.run(_run_async(todo, cfg, counter, out, on_record))
+    if cfg.backend == "openai":
+        processed, failed, skipped = asyncio.run(_run_llm(todo_all, cfg, counter, out, on_record))
+    else:
+        todo = _prepare_output(out, cfg, todo_all)
+        skipped = len(todo_all) - len(todo)
+        processed, failed = _run_offline(todo, cfg, counter, out, on_record)
     records = load_records(out)
     stats = write_stats(
         out, records, report, run_info={"processed": processed, "failed": failed, "config": cfg.public_dict()}
     )
-    return RunSummary(out, processed, len(todo_all) - len(todo), failed, report, stats)
+    return RunSummary(out, processed, skipped, failed, report, stats)
 
 
-async def _run_async(
+def _prepare_output(out: Path, cfg: AnnotateConfig, todo_all: list[RawTrace]) -> list[RawTrace]:
+    """Create/repair the output folder; the traces still to do."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out}: is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    done = load_records(out)
+    rebuild_traces(out, done)
+    done_ids = {r["id"] for r in done}
+    _atomic_write(out / "config.json", json.dumps(cfg.public_dict(), indent=2, default=str) + "\n")
+    return [r for r in todo_all if r.id not in done_ids]
+
+
+class _Tally:
+    """Writes each finished trace at once, logs failures, stops after too many in a row."""
+
+    def __init__(self, writer: _Writer, cfg: AnnotateConfig, progress: _progress, on_record) -> None:
+        self.writer, self.cfg, self.progress, self.on_record = writer, cfg, progress, on_record
+        self.processed = self.failed = self.consecutive = 0
+
+    def done(self, trace_id: str, rec: dict[str, Any] | None, err: str | None) -> None:
+        if rec is not None:
+            self.writer.write(rec)
+            self.processed += 1
+            self.consecutive = 0
+            if self.on_record is not None:
+                self.on_record(rec)
+        else:
+            self.failed += 1
+            self.consecutive += 1
+            self.writer.error(trace_id, err or "unknown error")
+            log.warning("trace %s failed: %s", trace_id, err)
+            if self.consecutive >= self.cfg.max_consecutive_failures:
+                raise RunAborted(
+                    f"{self.consecutive} traces failed in a row (last: {trace_id}: {err}); stopping. "
+                    f"Records written so far are kept; fix the cause and rerun the same command to resume."
+                )
+        self.progress.advance()
+
+
+def _run_offline(
     todo: list[RawTrace],
     cfg: AnnotateConfig,
     counter: TokenCounter,
     out: Path,
     on_record: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[int, int]:
-    client: LLMClient | None = None
-    if cfg.backend == "openai" and todo:
-        client = LLMClient(cfg.llm)
-        try:
-            await client.check_reachable()
-        except EndpointUnreachable:
-            await client.close()
-            raise
+    """One trace at a time in this process, or `workers` processes; each result written as it lands."""
+    pool = None
+    if cfg.workers > 1 and len(todo) > 1:  # started before the progress thread (no fork under threads)
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(min(cfg.workers, len(todo)), _ignore_sigint)
     writer = _Writer(out)
-    pool: ProcessPoolExecutor | None = None
-    if client is None and cfg.workers > 1 and len(todo) > 1:
-        pool = ProcessPoolExecutor(max_workers=cfg.workers)
-    sem = asyncio.Semaphore(cfg.workers)
-    loop = asyncio.get_running_loop()
-
-    async def one(raw: RawTrace) -> tuple[RawTrace, dict[str, Any] | None, str | None]:
-        async with sem:
-            try:
-                if pool is not None:
-                    rec = await loop.run_in_executor(pool, _offline_worker, raw, cfg)
-                else:
-                    rec = await annotate_trace(raw, cfg, counter, client)
-                return raw, rec, None
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - recorded, retried on the next run
-                return raw, None, f"{type(e).__name__}: {e}"
-
-    processed = failed = consecutive = 0
-    tasks = [asyncio.ensure_future(one(r)) for r in todo]
     progress = _progress(cfg.progress, len(todo))
+    tally = _Tally(writer, cfg, progress, on_record)
     try:
-        for fut in asyncio.as_completed(tasks):
-            raw, rec, err = await fut
-            if rec is not None:
-                writer.write(rec)
-                processed += 1
-                consecutive = 0
-                if on_record is not None:
-                    on_record(rec)
-            else:
-                failed += 1
-                consecutive += 1
-                writer.error(raw.id, err or "unknown error")
-                log.warning("trace %s failed: %s", raw.id, err)
-                if consecutive >= cfg.max_consecutive_failures:
-                    raise RunAborted(
-                        f"{consecutive} traces failed in a row (last: {raw.id}: {err}); stopping. "
-                        f"Records written so far are kept; fix the cause and rerun the same command to resume."
-                    )
-            progress.advance()
+        if pool is not None:
+            for trace_id, rec, err in pool.imap_unordered(_offline_worker, [(raw, cfg) for raw in todo]):
+                tally.done(trace_id, rec, err)
+        else:
+            for raw in todo:
+                progress.current(raw)
+                try:
+                    rec, err = offline_record(raw, cfg, counter, progress.stage), None
+                except Exception as e:  # noqa: BLE001 - recorded, retried on the next run
+                    rec, err = None, f"{type(e).__name__}: {e}"
+                tally.done(raw.id, rec, err)
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if pool is not None:
+            pool.terminate()  # at once: nothing in flight is worth waiting for on Ctrl-C
+            pool.join()
         progress.close()
         writer.close()
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        if client is not None:
-            await client.close()
-    return processed, failed
+    return tally.processed, tally.failed
+
+
+async def _run_llm(
+    todo_all: list[RawTrace],
+    cfg: AnnotateConfig,
+    counter: TokenCounter,
+    out: Path,
+    on_record: Callable[[dict[str, Any]], None] | None,
+) -> tuple[int, int, int]:
+    client = LLMClient(cfg.llm)
+    try:
+        await client.check_reachable()  # before anything is written
+        todo = _prepare_output(out, cfg, todo_all)
+        writer = _Writer(out)
+        progress = _progress(cfg.progress, len(todo))
+        tally = _Tally(writer, cfg, progress, on_record)
+        sem = asyncio.Semaphore(cfg.workers)
+
+        async def one(raw: RawTrace) -> tuple[RawTrace, dict[str, Any] | None, str | None]:
+            async with sem:
+                try:
+                    return raw, await annotate_trace(raw, cfg, counter, client), None
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - recorded, retried on the next run
+                    return raw, None, f"{type(e).__name__}: {e}"
+
+        tasks = [asyncio.ensure_future(one(r)) for r in todo]
+        try:
+            for fut in asyncio.as_completed(tasks):
+                raw, rec, err = await fut
+                tally.done(raw.id, rec, err)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            progress.close()
+            writer.close()
+    finally:
+        await client.close()
+    return tally.processed, tally.failed, len(todo_all) - len(todo)
 
 
 class _progress:
-    """A rich progress bar when enabled (and a no-op otherwise)."""
+    """A rich progress bar on stderr when enabled (a no-op otherwise); for the trace in hand it
+    shows the step, so a trace that takes minutes visibly moves."""
 
     def __init__(self, enabled: bool, total: int) -> None:
         self._p = None
+        self._label = "annotating"
         if enabled and total:
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -450,9 +567,22 @@ class _progress:
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
             )
             self._p.start()
             self._task = self._p.add_task("annotating", total=total)
+
+    def current(self, raw: RawTrace) -> None:
+        self._label = f"{raw.id} ({len(raw.thinking) / 1000:,.0f}K chars)"
+        self._describe(self._label)
+
+    def stage(self, text: str) -> None:
+        self._describe(f"{self._label}: {text}")
+
+    def _describe(self, text: str) -> None:
+        if self._p is not None:
+            self._p.update(self._task, description=text)
 
     def advance(self) -> None:
         if self._p is not None:

@@ -68,7 +68,13 @@ class HFTokenCounter:
             raise FileNotFoundError(
                 f"tokenizer directory {p} does not exist; pass --tokenizer DIR of a saved HF tokenizer"
             )
-        return cls(AutoTokenizer.from_pretrained(str(p)), name=f"hf:{p.name}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(p))
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
+            raise ValueError(
+                f"--tokenizer {p}: cannot load a Hugging Face tokenizer from it ({exc})"
+            ) from None
+        return cls(tokenizer, name=f"hf:{p.name}")
 
 
 def default_token_counter() -> TokenCounter:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from memento.jsonl import read_jsonl
+
 THINK_TAGS: tuple[tuple[str, str], ...] = (
     ("<think>", "</think>"),
     ("<|begin_of_thought|>", "<|end_of_thought|>"),
@@ -29,6 +31,11 @@ CJK = "cjk_characters"
 TOO_SHORT = "too_short"
 TOO_LONG = "too_long"
 EMPTY_THINKING = "empty_thinking"
+
+# Size guard: a trace's thinking longer than this is rejected as too_long unless the limit is
+# raised. 1M characters is ~300K tokens, ten times any reasoning model's context, and takes
+# minutes to segment; such a row is far more often a broken join than a real trace.
+DEFAULT_MAX_CHARS = 1_000_000
 
 
 class SourceError(ValueError):
@@ -45,11 +52,13 @@ class SourceConfig:
     require_closing_tag: bool = True
     reject_cjk: bool = True
     min_chars: int = 0
-    max_chars: int | None = None
+    max_chars: int | None = DEFAULT_MAX_CHARS
 
     def __post_init__(self) -> None:
-        if self.min_chars < 0 or (self.max_chars is not None and self.max_chars < self.min_chars):
-            raise ValueError("need 0 <= min_chars <= max_chars")
+        if self.min_chars < 0:
+            raise ValueError(f"--min-chars must be >= 0, got {self.min_chars}")
+        if self.max_chars is not None and self.max_chars < max(1, self.min_chars):
+            raise ValueError(f"--max-chars must be >= --min-chars and >= 1, got {self.max_chars}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SourceConfig:
@@ -74,6 +83,8 @@ class SourceReport:
     total: int = 0
     accepted: int = 0
     rejected: Counter = field(default_factory=Counter)
+    fields: list[str] = field(default_factory=list)  # of the first row, for hints
+    too_long: list[tuple[str, int]] = field(default_factory=list)  # (where, characters)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,8 +94,9 @@ class SourceReport:
         }
 
 
-def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Rows of a JSONL / JSON / parquet file or a save_to_disk directory, as dicts."""
+def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`(where, row)` for each row of a JSONL / JSON / parquet file or a save_to_disk directory;
+    `where` names the row for messages (`file:line` for JSONL)."""
     p = Path(path)
     if not p.exists():
         raise SourceError(
@@ -101,7 +113,8 @@ def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
             ) from e
         if hasattr(ds, "keys") and not hasattr(ds, "column_names"):
             raise SourceError(f"{p} holds several splits ({list(ds.keys())}); point at one split's folder")
-        yield from ds
+        for i, row in enumerate(ds):
+            yield f"{p} row {i}", row
         return
     suffix = "".join(p.suffixes[-2:]) if p.suffix == ".gz" else p.suffix
     if suffix in (".parquet", ".pq"):
@@ -111,11 +124,14 @@ def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
             table = pq.read_table(p)
         except Exception as e:  # noqa: BLE001
             raise SourceError(f"cannot read parquet file {p}: {e}") from e
-        yield from table.to_pylist()
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{p} row {i}", row
         return
     if suffix == ".json":
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise SourceError(f"{p}: not UTF-8 text (byte {e.start}); expected JSON") from None
         except json.JSONDecodeError as e:
             raise SourceError(f"{p} is not valid JSON ({e}); for one object per line name it .jsonl") from e
         if isinstance(data, dict):
@@ -130,25 +146,25 @@ def read_rows(path: str | Path) -> Iterator[dict[str, Any]]:
         for i, row in enumerate(data):
             if not isinstance(row, dict):
                 raise SourceError(f"{p}: item {i} is not an object")
-            yield row
+            yield f"{p} item {i}", row
         return
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{p}:{lineno}: not valid JSON ({e}); fix or remove that line") from e
+    try:
+        for where, row in read_jsonl(p, "traces file"):
             if not isinstance(row, dict):
-                raise SourceError(f"{p}:{lineno}: expected a JSON object per line")
-            yield row
+                raise SourceError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+            yield where, row
+    except SourceError:
+        raise
+    except ValueError as e:  # not UTF-8 / not JSON: the message names file:line
+        raise SourceError(f"{e}; fix or remove that line") from None
 
 
-def _turn(row: dict[str, Any], who: set[str]) -> str | None:
+def _turn(row: dict[str, Any], who: set[str], where: str) -> str | None:
     conv = row.get("conversations") or row.get("messages")
-    if not isinstance(conv, list):
+    if conv is None:
         return None
+    if not isinstance(conv, list):
+        raise SourceError(f"{where}: 'conversations'/'messages' is {type(conv).__name__}, expected a list")
     found = None
     for turn in conv:
         if isinstance(turn, dict):
@@ -167,6 +183,20 @@ def _field(row: dict[str, Any], name: str, what: str, where: str) -> str:
     if not isinstance(value, str):
         raise SourceError(f"{where}: field {name!r} is {type(value).__name__}, expected a string")
     return value
+
+
+def _first_string(row: dict[str, Any], names: tuple[str, ...], where: str) -> str | None:
+    """The first of `names` present with a value; a value that is not a string is an error (it
+    would otherwise be dropped or written to training data as text it never was)."""
+    for name in names:
+        value = row.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise SourceError(f"{where}: field {name!r} is {type(value).__name__}, expected a string")
+        if value:
+            return value
+    return None
 
 
 def split_thinking(cot: str) -> tuple[str, str, bool]:
@@ -193,30 +223,35 @@ def split_thinking(cot: str) -> tuple[str, str, bool]:
 
 def iter_traces(path: str | Path, config: SourceConfig, report: SourceReport) -> Iterator[RawTrace]:
     """Accepted traces in input order; rejections are counted in `report`."""
-    seen: dict[str, int] = {}
-    for index, row in enumerate(read_rows(path)):
-        where = f"{path} row {index}"
+    seen: dict[str, str] = {}
+    for index, (where, row) in enumerate(read_rows(path)):
         report.total += 1
+        if not report.fields:
+            report.fields = sorted(str(k) for k in row)
         if config.id_field:
-            tid = str(_field_any(row, config.id_field, "id", where))
+            tid = _field_any(row, config.id_field, "id", where)
         else:
-            tid = str(row.get("id", row.get("task_id", f"trace-{index:06d}")))
+            tid = row.get("id", row.get("task_id"))
+            tid = f"trace-{index:06d}" if tid is None else tid
+        if isinstance(tid, bool) or not isinstance(tid, str | int):
+            raise SourceError(f"{where}: id {tid!r} is {type(tid).__name__}, expected a string or an integer")
+        tid = str(tid)
         if tid in seen:
             raise SourceError(
-                f"{where}: duplicate id {tid!r} (also row {seen[tid]}); ids must be unique, pass --id-field"
+                f"{where}: duplicate id {tid!r} (also {seen[tid]}); ids must be unique, pass --id-field"
             )
-        seen[tid] = index
+        seen[tid] = where
         if config.problem_field:
             problem = _field(row, config.problem_field, "problem", where)
         else:
-            problem = row.get("problem") if isinstance(row.get("problem"), str) else None
-            problem = problem or (row.get("prompt") if isinstance(row.get("prompt"), str) else None)
-            problem = problem or _turn(row, {"human", "user"}) or ""
+            problem = (
+                _first_string(row, ("problem", "prompt"), where) or _turn(row, {"human", "user"}, where) or ""
+            )
         if config.cot_field:
             cot = _field(row, config.cot_field, "cot", where)
         else:
-            cot = next((row[k] for k in ("cot", "full_cot", "response") if isinstance(row.get(k), str)), None)
-            cot = cot or _turn(row, {"gpt", "assistant"})
+            cot = _first_string(row, ("cot", "full_cot", "response"), where)
+            cot = cot or _turn(row, {"gpt", "assistant"}, where)
         if not cot:
             report.rejected[NO_COT] += 1
             continue
@@ -234,12 +269,32 @@ def iter_traces(path: str | Path, config: SourceConfig, report: SourceReport) ->
             reason = TOO_LONG
         if reason:
             report.rejected[reason] += 1
+            if reason == TOO_LONG:
+                report.too_long.append((where, len(thinking)))
             continue
         report.accepted += 1
         keep = {
             k: v for k, v in row.items() if k in ("source", "domain", "difficulty", "gold", "answer_gold")
         }
         yield RawTrace(tid, problem, thinking, answer, index, keep)
+
+
+def no_usable_traces(path: str | Path, report: SourceReport) -> SourceError:
+    """The error for an input none of whose rows can be annotated, with the likely fix."""
+    if not report.total:
+        return SourceError(f"{path}: no rows (the input is empty)")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(report.rejected.items()))
+    hint = ""
+    if report.rejected.get(NO_COT) == report.total:
+        hint = (
+            f"; no reasoning found in the fields {report.fields}: pass --cot-field "
+            "(default: cot, full_cot, response or the assistant turn of conversations)"
+        )
+    elif report.rejected.get(NO_CLOSING_TAG):
+        hint = "; --allow-incomplete keeps traces without a closing think tag"
+    elif report.rejected.get(TOO_LONG):
+        hint = "; raise --max-chars to annotate longer traces"
+    return SourceError(f"{path}: none of the {report.total} row(s) is usable ({reasons}){hint}")
 
 
 def _field_any(row: dict[str, Any], name: str, what: str, where: str) -> Any:

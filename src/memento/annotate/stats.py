@@ -101,7 +101,8 @@ def _md(stats: dict[str, Any]) -> str:
     ]
     run = stats.get("run")
     if run:
-        lines.append(f"This run: {run['processed']} processed, {run['failed']} failed (see errors.jsonl).")
+        failed = f"{run['failed']} failed (listed in errors.jsonl)" if run["failed"] else "none failed"
+        lines.append(f"This run: {run['processed']} processed, {failed}.")
     return "\n".join(lines) + "\n"
 
 
