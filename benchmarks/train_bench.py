@@ -23,10 +23,10 @@ import time
 import torch
 
 from memento.format import Block, MementoTrace
+from memento.hf import register_attention as register_chunked
 from memento.tokens import MarkerIds
 from memento.toy import build_tiny_model, build_tokenizer
 from memento.train import MementoCollator, tokenize_traces
-from memento.train.attention import register as register_chunked
 from memento.train.flex import block_mask_from_kill_times
 
 

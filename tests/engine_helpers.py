@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from memento.masking import BlockMaskingConfig, BlockTracker, attention_mask
+from memento.hf import layer_windows, text_config
+from memento.masking import BlockMaskingConfig, BlockTracker, attention_mask, in_window
 from memento.tokens import MarkerIds
 from memento.toy import build_tiny_model
 
@@ -65,14 +66,28 @@ def block_stream(
     return out + rng.choices(words, k=tail)
 
 
+def routed_mask(model, mask_of_window):
+    """The `attention_mask` argument that makes the model's *own* routing give every layer the
+    mask of its window (`mask_of_window(window) -> [B, 1, Q, K]`): one tensor when all layers share
+    a window, else transformers' mapping by layer type. Independent of memento's attention
+    function, so the references below check the engine and training rather than mirror them."""
+    windows = layer_windows(model.config)
+    if len(set(windows)) == 1:
+        return mask_of_window(windows[0])
+    types = text_config(model.config).layer_types
+    return {t: mask_of_window(w) for t, w in zip(types, windows, strict=False)}
+
+
 @torch.no_grad()
 def dense_logits(model, ids: list[int], markers: MarkerIds, config: BlockMaskingConfig) -> torch.Tensor:
-    """One forward over the whole sequence with the Stage-2 mask and positions 0..L-1."""
-    mask = attention_mask(ids, markers, config)
+    """One forward over the whole sequence with the Stage-2 mask (per layer window) and positions
+    0..L-1."""
     out = model(
         input_ids=torch.tensor([ids]),
         position_ids=torch.arange(len(ids))[None],
-        attention_mask=mask[None, None],
+        attention_mask=routed_mask(
+            model, lambda w: attention_mask(ids, markers, config, window=w)[None, None]
+        ),
     )
     return out.logits[0].float()
 
@@ -114,10 +129,13 @@ def restart_reference_logits(
     mask = torch.zeros(n, n, dtype=torch.bool)
     for v, keys in enumerate(rows):
         mask[v, keys] = True
+    pos = torch.tensor(positions)
     out = model(
         input_ids=torch.tensor([tokens]),
-        position_ids=torch.tensor([positions]),
-        attention_mask=mask[None, None],
+        position_ids=pos[None],
+        attention_mask=routed_mask(
+            model, lambda w: (mask & in_window(pos[:, None], pos[None, :], w))[None, None]
+        ),
     )
     logits = out.logits[0].float()
     return torch.stack([logits[first_entry[p]] for p in range(len(ids))])

@@ -149,7 +149,7 @@ def test_physical_removal_from_dynamic_cache(model, toy_tokenizer, markers, word
     """The compaction primitive on a stock transformers DynamicCache."""
     from transformers import DynamicCache
 
-    from memento.engine.cache import remove_span
+    from memento.hf import remove_span
 
     config = BlockMaskingConfig()
     prompt, out = _streams(toy_tokenizer, markers, words, seed=2, count=1)[0]

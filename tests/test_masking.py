@@ -16,6 +16,7 @@ from memento.masking import (
     SpanSet,
     attention_mask,
     evictions,
+    in_window,
     kill_times,
 )
 from memento.tokens import MarkerIds
@@ -361,3 +362,42 @@ def test_config_for_mode_is_the_one_mode_mapping():
         config_for_mode("memento", BlockMaskingConfig(restart_mode=True))
     with pytest.raises(ValueError, match="mode must be one of"):
         config_for_mode("control")
+
+
+# ---- sliding-window layers ----------------------------------------------------------------------
+
+
+def test_in_window_uses_original_positions():
+    assert in_window(10, 7, 4) and not in_window(10, 6, 4) and in_window(10, 0, None)
+    q, k = torch.tensor([[10], [11]]), torch.tensor([[6, 7, 8]])
+    assert in_window(q, k, 4).tolist() == [[False, True, True], [False, False, True]]
+    with pytest.raises(ValueError, match=">= 1"):
+        in_window(3, 2, 0)
+
+
+def test_window_counts_positions_not_cached_entries():
+    """After an eviction, "the last W cached entries" would reach back across the evicted block;
+    the window rule does not: a key beyond W original positions stays hidden."""
+    token_ids = ids(f"{HEADER} {G1}")  # block 1 content [10, 12) evicted at 15
+    window = 6
+    mask = attention_mask(token_ids, M, window=window)
+    block_only = attention_mask(token_ids, M)
+    q = 16  # BS of block 2: positions 11..16 are in its window, 11 is evicted
+    assert mask[q].nonzero().flatten().tolist() == [12, 13, 14, 15, 16]
+    assert block_only[q].nonzero().flatten().tolist()[-window:] == [9, 12, 13, 14, 15, 16]  # not these
+    assert torch.equal(mask, block_only & torch.ones_like(mask).tril().triu(-(window - 1)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams(), configs, st.integers(1, 12))
+def test_windowed_occupancy_is_what_a_sliding_layer_may_see(token_ids, cfg, window):
+    """memento.kv's per-layer count and this module's windowed mask are one rule."""
+    from memento.kv import kv_occupancy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mask = attention_mask(token_ids, M, cfg, window=window)
+        occ = kv_occupancy(token_ids, M, cfg, window=window)
+        full = kv_occupancy(token_ids, M, cfg)
+    assert occ == mask.sum(1).tolist()
+    assert all(o <= min(f, window) for o, f in zip(occ, full, strict=True))

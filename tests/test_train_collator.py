@@ -125,14 +125,14 @@ def test_flex_block_mask_forward_equals_dense(markers, toy_tokenizer):
 
 
 def test_chunked_sdpa_equals_plain_sdpa_forward_and_backward(samples, markers, toy_tokenizer, monkeypatch):
-    from memento.train import attention
+    from memento import hf
 
-    monkeypatch.setattr(attention, "CHUNK", 16)  # several chunks at these lengths
+    monkeypatch.setattr(hf, "CHUNK", 16)  # several chunks at these lengths
     batch = MementoCollator(toy_tokenizer.pad_token_id, "memento", markers)(samples)
-    assert batch["input_ids"].shape[1] > 3 * attention.CHUNK
+    assert batch["input_ids"].shape[1] > 3 * hf.CHUNK
     plain = build_tiny_model(toy_tokenizer, layers=2, seed=6).train()
     chunked = build_tiny_model(toy_tokenizer, layers=2, seed=6).train()
-    chunked.set_attn_implementation(attention.register())
+    chunked.set_attn_implementation(hf.register_attention())
     loss_plain, loss_chunked = plain(**batch).loss, chunked(**batch).loss
     loss_plain.backward()
     loss_chunked.backward()

@@ -3,7 +3,8 @@
 Everything else derives from `BlockTracker`: the engine evicts what it returns, the Stage-2
 training mask and the flex_attention form come from its kill times, and KV accounting
 (`memento.kv`) counts what it removed. The rule: query `q` may attend to key `k` iff `k <= q` and
-`k` is not in a span whose eviction was triggered at a position `<= q`.
+`k` is not in a span whose eviction was triggered at a position `<= q`; on a sliding-window layer
+(window `W`) also `q - k < W` in original positions (`in_window`).
 Spec: shared/reference/block-masking.md.
 """
 
@@ -287,6 +288,20 @@ def evictions(
     return tracker.feed_all(_as_list(token_ids))
 
 
+def in_window(query_positions, key_positions, window: int | None):
+    """The sliding-window half of the rule, the one definition every path uses (Stage-2 training
+    mask per layer type, the engine, KV accounting): on a layer with window `W`, query `q` sees
+    key `k` only if `q - k < W`, in *original* positions (the window the model was pretrained
+    with), never "the last W cached entries" (after eviction those reach further back). `window`
+    None means a full-attention layer (always True). Works on ints and on broadcastable tensors;
+    combine it with the block rule (`mask_from_kill_times`) by logical and."""
+    if window is None:
+        return True
+    if window < 1:
+        raise ValueError(f"a sliding window must be >= 1 token, got {window}")
+    return query_positions - key_positions < window
+
+
 def kill_times(
     token_ids: Sequence[int], markers: MarkerIds, config: BlockMaskingConfig | None = None
 ) -> torch.LongTensor:
@@ -305,19 +320,29 @@ def kill_times(
 
 
 def attention_mask(
-    token_ids: Sequence[int], markers: MarkerIds, config: BlockMaskingConfig | None = None
+    token_ids: Sequence[int],
+    markers: MarkerIds,
+    config: BlockMaskingConfig | None = None,
+    window: int | None = None,
 ) -> torch.BoolTensor:
-    """Dense `[L, L]` Stage-2 mask, True = query (row) may attend to key (column)."""
+    """Dense `[L, L]` Stage-2 mask, True = query (row) may attend to key (column); with `window`,
+    the mask of a sliding-window layer (`in_window`)."""
     kill = kill_times(token_ids, markers, config)
-    return mask_from_kill_times(kill)
+    return mask_from_kill_times(kill, window=window)
 
 
-def mask_from_kill_times(kill: torch.Tensor, query_positions: torch.Tensor | None = None) -> torch.BoolTensor:
-    """Rows for `query_positions` (default all) of the mask defined by per-key kill times."""
-    keys = torch.arange(kill.shape[-1])
-    q = keys if query_positions is None else query_positions
+def mask_from_kill_times(
+    kill: torch.Tensor, query_positions: torch.Tensor | None = None, window: int | None = None
+) -> torch.BoolTensor:
+    """Rows for `query_positions` (default all) of the mask defined by per-key kill times `[..., L]`
+    (a batch `[B, L]` gives `[B, Q, L]`): `k <= q < kill[k]`, and `q - k < window` if given."""
+    keys = torch.arange(kill.shape[-1], device=kill.device)
+    q = keys if query_positions is None else query_positions.to(kill.device)
     q = q.unsqueeze(-1)
-    return (keys <= q) & (q < kill)
+    allowed = (keys <= q) & (q < kill.unsqueeze(-2))
+    if window is not None:
+        allowed &= in_window(q, keys, window)
+    return allowed
 
 
 class BlockLengthCap:

@@ -130,8 +130,9 @@ def _init_new_embeddings(tokenizer, model, new_ids: dict[str, int], *, noise_std
         if token_id is not None and token_id >= old_rows:
             new_ids.setdefault(token, token_id)
     if len(tokenizer) > old_rows:
-        # mean_resizing=False: we overwrite our rows anyway and it is slow on large vocabularies.
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        from memento.hf import resize_embeddings  # imports transformers: only when a model is given
+
+        resize_embeddings(model, len(tokenizer))  # our rows are initialised below
     if not new_ids:
         return
     exclude = set(new_ids.values())

@@ -2,41 +2,29 @@
 
 Each layer holds keys/values as `[rows, kv_heads, capacity, head_dim]` (views of one tensor for the
 whole cache, `[layers, 2, rows, kv_heads, capacity, head_dim]`); row `r` belongs to one
-running request and its first `lengths[r]` slots are valid, in increasing logical order. Evicting a
+running request and its first `lengths[r]` slots are valid, in increasing logical order;
+`positions[r, s]` is the original (logical) position of slot `s` (sliding windows are measured in
+those, never in slots). Evicting a
 logical span removes a contiguous run of slots from one row (the tail moves left), so rows evict at
 different times without touching the rest of the batch. Running requests occupy rows `0..n-1`, so a
 batched decode reads plain slices (no gather copy of the whole cache per step).
 
-The cache is handed to an HF model as its cache argument (`memento.hf.with_cache`): the model only calls `update()`, which
-writes the new keys at each row's own offset and returns the view the attention needs; the engine
-supplies the matching boolean mask. `remove_span` below is the compaction primitive for a stock
-`transformers.DynamicCache` as well.
+The cache is handed to an HF model as its cache argument (`memento.hf.with_cache`): the model only
+calls `update()`, which writes the new keys at each row's own offset and returns the view the
+attention needs; the engine supplies the matching boolean mask. (The same compaction on a stock
+`transformers.DynamicCache`: `memento.hf.remove_span`.)
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache
 
-
-def remove_span(cache, start: int, end: int) -> None:
-    """Drop physical slots `[start, end)` from every layer of a transformers `DynamicCache`
-    (batch 1 or all rows alike): keys/values are `[B, H, L, D]`, the sequence axis is dim 2."""
-    if end <= start:
-        return
-    for layer in cache.layers:
-        length = layer.keys.shape[2]
-        keep = torch.cat([torch.arange(0, start), torch.arange(min(end, length), length)]).to(
-            layer.keys.device
-        )
-        layer.keys = layer.keys.index_select(2, keep)
-        layer.values = layer.values.index_select(2, keep)
-
+from memento.hf import CacheBase
 
 MAX_MOVE_CHUNKS = 64  # remove_slots: most non-overlapping pieces before staging the tail in a copy
 
 
-class BatchedKVCache(Cache):
+class BatchedKVCache(CacheBase):
     """Padded per-row KV cache with in-place row compaction (see the module docstring)."""
 
     def __init__(
@@ -50,12 +38,13 @@ class BatchedKVCache(Cache):
         rows: int = 1,
         capacity: int = 256,
     ) -> None:
-        super().__init__(layers=[])
+        super().__init__()
         self.num_layers = num_layers
         self.shape = (num_kv_heads, head_dim)
         self.dtype = dtype
         self.device = torch.device(device)
         self._set_storage(self._zeros(rows, capacity))
+        self.positions = torch.zeros(rows, capacity, dtype=torch.long, device=self.device)
         self.lengths: list[int] = [0] * rows
         self.num_rows = 0  # rows 0..num_rows-1 are in use
         self._plan: tuple | None = None
@@ -107,6 +96,9 @@ class BatchedKVCache(Cache):
         new = self._zeros(rows, cap)
         new[:, :, : old.shape[2], :, : old.shape[4]] = old
         self._set_storage(new)
+        positions = torch.zeros(rows, cap, dtype=torch.long, device=self.device)
+        positions[: self.positions.shape[0], : self.positions.shape[1]] = self.positions
+        self.positions = positions
 
     def add_row(self) -> int:
         """Claim the next free row (empty) and return its index."""
@@ -126,6 +118,7 @@ class BatchedKVCache(Cache):
         if row != last:
             n = self.lengths[last]
             self.storage[:, :, row, :, :n] = self.storage[:, :, last, :, :n]
+            self.positions[row, :n] = self.positions[last, :n]
             self.lengths[row] = n
             moved = last
         self.lengths[last] = 0
@@ -151,6 +144,8 @@ class BatchedKVCache(Cache):
         elif tail:  # a short gap before a long tail: stage it, per layer (contiguous per head)
             for t in self.keys + self.values:
                 t[row, :, start : start + tail] = t[row, :, end:n].clone()
+        if tail:
+            self.positions[row, start : start + tail] = self.positions[row, end:n].clone()
         self.lengths[row] = n - gap
 
     def truncate(self, row: int, length: int) -> None:
@@ -159,10 +154,12 @@ class BatchedKVCache(Cache):
 
     # --- forward plans (set by the runner right before a model call) ----------------------
 
-    def plan_decode(self, rows: int, slots: torch.Tensor | None = None) -> int:
+    def plan_decode(
+        self, rows: int, slots: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> int:
         """Next forward writes one token per row `0..rows-1` at each row's end (`slots`: the row
-        lengths as a tensor on the cache's device, if the caller has it); returns the key length
-        the attention will see (max row length + 1)."""
+        lengths as a tensor on the cache's device, if the caller has it), at logical `positions`
+        (recorded now); returns the key length the attention will see (max row length + 1)."""
         key_len = max(self.lengths[:rows]) + 1
         self.reserve(length=key_len)
         device = self.device
@@ -170,16 +167,24 @@ class BatchedKVCache(Cache):
             slots = torch.tensor(self.lengths[:rows], device=device)
         if self._arange is None or self._arange.shape[0] < rows:
             self._arange = torch.arange(max(rows, self.row_capacity), device=device)
+        if positions is not None:
+            self.positions[self._arange[:rows], slots] = positions
         self._plan = ("decode", rows, self._arange[:rows], slots, key_len)
         return key_len
 
-    def plan_extend(self, rows: list[int], counts: list[int], width: int) -> int:
+    def plan_extend(
+        self, rows: list[int], counts: list[int], width: int, positions: torch.Tensor | None = None
+    ) -> int:
         """Next forward writes `width` tokens (right-padded) at the end of each of `rows`: row
-        `rows[i]` gets `counts[i]` real tokens; its padding lands in slots past its length, which
-        stay invalid. Returns the key length the attention will see (max offset + width)."""
+        `rows[i]` gets `counts[i]` real tokens at logical `positions[i]` (recorded now); its
+        padding lands in slots past its length, which stay invalid. Returns the key length the
+        attention will see (max offset + width)."""
         offsets = [self.lengths[r] for r in rows]
         key_len = max(offsets) + width
         self.reserve(length=key_len)
+        if positions is not None:
+            for i, (r, offset) in enumerate(zip(rows, offsets, strict=True)):
+                self.positions[r, offset : offset + width] = positions[i].to(self.device)
         first = rows[0]
         contiguous = rows == list(range(first, first + len(rows)))
         if contiguous and len(set(offsets)) == 1:  # fresh prompts admitted together: plain slices

@@ -22,6 +22,7 @@ from memento.engine.runner import ModelRunner
 from memento.engine.sampling import SamplingParams, filter_logits, make_generator, sample_rows
 from memento.engine.scheduler import BudgetError, Scheduler
 from memento.engine.sequence import ComputeOp, EvictOp, Plan, RequestOutput, Sequence
+from memento.hf import check_model
 from memento.masking import BlockMaskingConfig, config_for_mode
 from memento.tokens import IM_END, MarkerIds, ensure_chat_template, resolve_token_id
 
@@ -32,7 +33,10 @@ class Engine:
     """Generate with block eviction. Build with `Engine.from_pretrained(dir)` or from a loaded
     model + tokenizer (`markers` may replace the tokenizer in tests). `prefill_batch_tokens` caps
     the padded tokens of one batched-prefill forward; `direct_forward=False` keeps the HF forward
-    for Llama-family models too (see `memento.engine.direct`)."""
+    for Llama-family models too (see `memento.engine.direct`). Models with layers MEMENTO cannot
+    evict from exactly (linear attention, soft-capped attention, ...) are refused here
+    (`memento.hf.UnsupportedModel`); sliding-window layers apply their window in original
+    positions (`memento.masking.in_window`)."""
 
     def __init__(
         self,
@@ -49,6 +53,7 @@ class Engine:
         logits_hook: LogitsHook | None = None,
         direct_forward: bool = True,
     ) -> None:
+        check_model(model.config)  # unsupported layer types / attention variants: refused here
         self.model = model.eval()
         self.tokenizer = tokenizer
         if tokenizer is not None:
@@ -106,11 +111,12 @@ class Engine:
         **kwargs,
     ) -> Engine:
         """Load any HF causal LM + tokenizer from a local directory."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(f"model directory {model_dir} does not exist")
+        check_model(AutoConfig.from_pretrained(model_dir))  # refuse before loading any weight
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa"

@@ -2,38 +2,18 @@
 
 Positions are always the original logical ones (never inferred from the cache length, which
 shrinks on eviction); the mask says which cached slots each query may see, so the model's own
-causal-mask logic is bypassed entirely.
+causal-mask logic is bypassed entirely. transformers internals are reached only through
+`memento.hf`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from memento.engine.cache import BatchedKVCache
 from memento.engine.direct import DirectForward
-from memento.hf import cache_argument
-
-ATTENTION_NAME = "memento_sdpa"
-
-
-def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA with a mask *and* grouped KV heads: transformers' own path repeats the KV heads whenever
-    a mask is given (a full copy of the cache per layer per step); SDPA can broadcast them instead."""
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register_attention() -> bool:
-    try:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(ATTENTION_NAME, _sdpa_gqa)
-        return True
-    except Exception:  # an older/newer transformers without the registry: keep its own sdpa
-        return False
+from memento.hf import AttentionSwap, cache_argument, layer_windows
+from memento.masking import in_window
 
 
 class ModelRunner:
@@ -43,35 +23,34 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.device = cache.device
+        # Per layer: None (full attention) or its sliding window, in original positions.
+        self.windows = layer_windows(model.config)
+        self.distinct_windows = tuple(dict.fromkeys(self.windows))
+        self.sliding = any(w is not None for w in self.windows)
         # Llama-family models run as plain tensor ops (same math, less per-step Python).
-        self.direct = DirectForward.build(model) if direct else None
-        impl = getattr(model.config, "_attn_implementation", "sdpa")
-        # SDPA takes a boolean mask as is; other kernels need an additive float mask.
-        self.bool_mask = impl == "sdpa" or self.direct is not None
-        self.dtype = cache.dtype
-        # While the engine runs the model, sdpa layers use the GQA-aware variant (same math).
-        self.attention = ATTENTION_NAME if impl == "sdpa" and _register_attention() else None
+        self.direct = DirectForward.build(model, self.windows) if direct else None
+        # Other models run their own forward with memento's attention function swapped in for
+        # the call (boolean masks, GQA without copying the KV heads), whatever they were loaded with.
+        self.swap = AttentionSwap(model)
         self.cache_arg = cache_argument(model)
 
     def _forward(self, **kwargs):
         if self.direct is not None:
             return self.direct(**kwargs)
         kwargs[self.cache_arg] = kwargs.pop("past_key_values")
-        config = self.model.config
-        if self.attention is None:
+        masks = kwargs["attention_mask"]
+        if isinstance(masks, dict):  # one mask per window: each layer picks its own (memento.hf)
+            kwargs["attention_mask"] = masks[self.distinct_windows[0]]
+            kwargs["memento_masks"] = masks
+        with self.swap.active():
             return self.model(**kwargs)
-        saved = config._attn_implementation
-        config._attn_implementation = self.attention
-        try:
-            return self.model(**kwargs)
-        finally:
-            config._attn_implementation = saved
 
-    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        if self.bool_mask:
-            return allowed
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+    def _window_masks(self, allowed: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor):
+        """`allowed` (the block rule, `[n, q, k]`) as the forward's mask: one tensor for a model
+        without sliding windows, else `{window: allowed & in_window}` per distinct window."""
+        if not self.sliding:
+            return allowed[:, None]
+        return {w: (allowed & in_window(query_pos, key_pos, w))[:, None] for w in self.distinct_windows}
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
@@ -79,12 +58,15 @@ class ModelRunner:
         n = len(token_ids)
         # one host-to-device transfer per step: tokens, positions, row lengths (= write slots)
         step = torch.tensor([token_ids, positions, self.cache.lengths[:n]], device=self.device)
-        key_len = self.cache.plan_decode(n, step[2])
+        key_len = self.cache.plan_decode(n, step[2], step[1])
         allowed = torch.arange(key_len, device=self.device) <= step[2, :, None]
+        masks = self._window_masks(
+            allowed[:, None, :], step[1, :, None, None], self.cache.positions[:n, None, :key_len]
+        )
         out = self._forward(
             input_ids=step[0, :, None],
             position_ids=step[1, :, None],
-            attention_mask=self._mask(allowed[:, None, None, :]),
+            attention_mask=masks,
             past_key_values=self.cache,
             use_cache=True,
         )
@@ -130,11 +112,7 @@ class ModelRunner:
             raise ValueError("extend_batch needs at least one token per row")
         n, width = len(rows), max(counts)
         offsets = [self.cache.lengths[r] for r in rows]
-        key_len = self.cache.plan_extend(rows, counts, width)
-        big = torch.iinfo(torch.long).max
         q = torch.zeros(n, width, dtype=torch.long)
-        k = torch.full((n, key_len), big, dtype=torch.long)  # empty slots: after every query
-        kill = torch.full((n, key_len), big, dtype=torch.long)
         ids = torch.zeros(n, width, dtype=torch.long)
         for i, (count, offset) in enumerate(zip(counts, offsets, strict=True)):
             if len(key_positions[i]) != offset + count:
@@ -143,6 +121,11 @@ class ModelRunner:
                 )
             q[i, :count] = torch.tensor(positions[i])
             ids[i, :count] = torch.tensor(token_ids[i])
+        key_len = self.cache.plan_extend(rows, counts, width, q)
+        big = torch.iinfo(torch.long).max
+        k = torch.full((n, key_len), big, dtype=torch.long)  # empty slots: after every query
+        kill = torch.full((n, key_len), big, dtype=torch.long)
+        for i, (count, offset) in enumerate(zip(counts, offsets, strict=True)):
             k[i, : offset + count] = torch.tensor(key_positions[i])
             if kills[i]:
                 index = {p: j for j, p in enumerate(key_positions[i])}
@@ -154,6 +137,8 @@ class ModelRunner:
         causal = (
             max(offsets) == 0 and len(keep) == 1 and not any(kills) and list(key_positions) == list(positions)
         )
+        # a window wider than the chunk never cuts a fresh causal prefill
+        causal = causal and (not self.sliding or width <= min(w for w in self.windows if w is not None))
         if self.direct is not None and causal:
             # fresh rows, no padding, no kill times: the mask is plain causal (keys = queries, in
             # increasing position order), which SDPA computes without a mask and half the work
@@ -168,14 +153,20 @@ class ModelRunner:
             return out.logits.float() if all_logits else out.logits[:, -1].float()
         allowed = (k[:, None, :] <= q[:, :, None]) & (q[:, :, None] < kill[:, None, :])
         pad = torch.arange(width)[None, :] >= torch.tensor(counts)[:, None]  # [n, width]
-        if pad.any():
-            allowed &= ~pad[:, :, None]
+        allowed &= ~pad[:, :, None]
+        masks = self._window_masks(allowed, q[:, :, None], k[:, None, :])
+        if pad.any():  # a padding query sees only its own slot (finite, and never seen itself)
             slot = torch.tensor(offsets)[:, None] + torch.arange(width)[None, :]
-            allowed |= pad[:, :, None] & (torch.arange(key_len)[None, None, :] == slot[:, :, None])
+            own = (pad[:, :, None] & (torch.arange(key_len)[None, None, :] == slot[:, :, None]))[:, None]
+            masks = {w: m | own for w, m in masks.items()} if isinstance(masks, dict) else masks | own
+        if isinstance(masks, dict):
+            masks = {w: m.to(self.device) for w, m in masks.items()}
+        else:
+            masks = masks.to(self.device)
         out = self._forward(
             input_ids=ids.to(self.device),
             position_ids=q.to(self.device),
-            attention_mask=self._mask(allowed[:, None].to(self.device)),
+            attention_mask=masks,
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=0 if all_logits else keep.to(self.device),

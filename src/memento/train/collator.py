@@ -3,7 +3,9 @@
 Stage 1 (`full`): ordinary causal attention; a 2D padding mask lets the model build it.
 Stage 2 (`memento`): the block mask from `memento.masking` (the code the engine evicts with), in
 its compact per-key form: `kill[b, k]` = first query that may no longer see key `k`. The dense
-`(B, 1, L, L)` mask and the flex_attention BlockMask are both derived from it, so they agree.
+`(B, 1, L, L)` mask and the flex_attention BlockMask are both derived from it, so they agree. A
+model with sliding-window layers gets one dense mask per window (`memento.masking.in_window`, the
+engine's definition), which `memento.hf.memento_sdpa` hands to each layer by its window.
 
 Padding (right side): a padded key is visible to no real query, and a padded query sees only
 itself, so no softmax row is empty (sdpa would give NaN) and no real row is affected.
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memento.masking import BlockMaskingConfig, kill_times
+from memento.masking import BlockMaskingConfig, kill_times, mask_from_kill_times
 from memento.tokens import MarkerIds
 from memento.train.data import IGNORE_INDEX, Sample
 
@@ -35,12 +37,10 @@ def padded_kill_times(rows: Sequence[torch.Tensor], length: int) -> torch.LongTe
     return out
 
 
-def dense_mask_from_kill_times(kill: torch.Tensor) -> torch.BoolTensor:
-    """`(B, L)` kill times -> `(B, 1, L, L)` bool mask (True = attend): `k <= q < kill[b, k]`."""
-    length = kill.shape[-1]
-    pos = torch.arange(length, device=kill.device)
-    causal = pos[None, :] <= pos[:, None]
-    return (causal[None] & (pos[None, :, None] < kill[:, None, :])).unsqueeze(1)
+def dense_mask_from_kill_times(kill: torch.Tensor, window: int | None = None) -> torch.BoolTensor:
+    """`(B, L)` kill times -> `(B, 1, L, L)` bool mask (True = attend): `k <= q < kill[b, k]`, and
+    `q - k < window` on a sliding-window layer. A padded query keeps its own key in any window."""
+    return mask_from_kill_times(kill, window=window).unsqueeze(1)
 
 
 @dataclass
@@ -51,6 +51,10 @@ class MementoCollator:
     the compact `kill_times` `(B, L)` for the trainer to turn into a flex_attention BlockMask on
     the device (`mask_format="kill_times"`). Position ids are always explicit: `0..L-1` per row.
     `return_lengths` adds the real row lengths (`lengths`, popped by the trainer to count tokens).
+
+    `layer_windows` (`memento.hf.layer_windows(model.config)`): with any sliding-window layer,
+    Stage 2 also emits `memento_masks = {window: (B, 1, L, L) mask}` for `memento.hf.memento_sdpa`
+    (dense format only), and `attention_mask` is the mask of the first layer's window.
     """
 
     pad_token_id: int
@@ -60,6 +64,7 @@ class MementoCollator:
     mask_format: str = "dense"
     pad_to_multiple_of: int | None = None
     return_lengths: bool = False
+    layer_windows: tuple[int | None, ...] = ()
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -70,6 +75,16 @@ class MementoCollator:
             raise ValueError("stage 'memento' needs the marker ids (MarkerIds.from_tokenizer)")
         if self.masking is None:
             self.masking = BlockMaskingConfig()
+        self.layer_windows = tuple(self.layer_windows)
+        if self.sliding and self.mask_format != "dense":
+            raise ValueError(
+                "sliding-window layers need one dense mask per window; the kill_times (flex) format "
+                "does not carry windows yet: use sdpa"
+            )
+
+    @property
+    def sliding(self) -> bool:
+        return any(w is not None for w in self.layer_windows)
 
     def __call__(self, features: Sequence[Sample | Mapping]) -> dict[str, torch.Tensor]:
         rows = [_as_pair(f) for f in features]
@@ -97,6 +112,10 @@ class MementoCollator:
         kill = padded_kill_times([kill_times(ids, self.markers, self.masking) for ids, _ in rows], length)
         if self.mask_format == "kill_times":
             out["kill_times"] = kill
+        elif self.sliding:
+            windows = tuple(dict.fromkeys(self.layer_windows))
+            out["memento_masks"] = {w: dense_mask_from_kill_times(kill, w) for w in windows}
+            out["attention_mask"] = out["memento_masks"][windows[0]]
         else:
             out["attention_mask"] = dense_mask_from_kill_times(kill)
         return out

@@ -246,13 +246,19 @@ def prepare_model_and_tokenizer(model_dir: str, fmt: str = "memento", *, dtype: 
     return model, tokenizer, added
 
 
-def choose_attention(cfg: SFTConfig, longest: int, cuda: bool) -> str:
-    """Resolve `attention="auto"`; flex has no backward on CPU, so it is refused there."""
+def choose_attention(cfg: SFTConfig, longest: int, cuda: bool, sliding: bool = False) -> str:
+    """Resolve `attention="auto"`; flex has no backward on CPU, so it is refused there. A Stage-2
+    model with sliding-window layers needs a mask per window, which only sdpa (memento_sdpa) takes."""
     if cfg.attention == "flex" and not cuda:
         raise ValueError("--attention flex needs CUDA (flex_attention has no backward pass on CPU); use sdpa")
+    if sliding and cfg.stage == "memento" and cfg.attention in ("flex", "eager"):
+        raise ValueError(
+            f"--attention {cfg.attention} cannot apply a different Stage-2 mask per sliding-window layer; "
+            "this model has sliding-window layers: use --attention sdpa"
+        )
     if cfg.attention != "auto":
         return cfg.attention
-    if cuda and cfg.stage == "memento" and longest > cfg.flex_threshold:
+    if cuda and cfg.stage == "memento" and longest > cfg.flex_threshold and not sliding:
         return "flex"
     return "sdpa"
 
@@ -337,14 +343,17 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
         overlong=cfg.overlong,
     )
     longest = max(len(s) for s in samples)
-    attention = choose_attention(cfg, longest, cuda)
+    from memento.hf import check_model
+
+    windows = check_model(model.config)  # refuses layer types MEMENTO cannot evict from
+    attention = choose_attention(cfg, longest, cuda, sliding=any(w is not None for w in windows))
     if attention != "sdpa":
         model.set_attn_implementation("flex_attention" if attention == "flex" else "eager")
     elif cfg.stage == "memento":
         # Same sdpa kernel, but the masked (non-causal-flag) path skips the upper triangle.
-        from memento.train.attention import register
+        from memento.hf import register_attention
 
-        model.set_attn_implementation(register())
+        model.set_attn_implementation(register_attention())
 
     markers = MarkerIds.from_tokenizer(tokenizer) if cfg.stage == "memento" else None
     collator = MementoCollator(
@@ -354,6 +363,7 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
         masking=cfg.masking,
         mask_format="kill_times" if attention == "flex" else "dense",
         return_lengths=True,
+        layer_windows=windows,
     )
     trainer = _trainer_class()(
         model=model,
