@@ -24,8 +24,9 @@ What memento relies on (tested with transformers 5.23 and 5.24):
    our name.
 4. **Layer types.** `config.layer_types` (`full_attention` | `sliding_attention`, anything else is
    refused) and `config.sliding_window`, or one `sliding_window` for every layer when there are no
-   layer types (Mistral, Phi-3); the window rule is transformers' `k > q - W`, i.e.
-   `memento.masking.in_window` (`layer_windows`).
+   layer types (Mistral, Phi-3), as `memento.kv.layer_windows` reads them from `config.to_dict()`;
+   the window rule is transformers' `k > q - W`, i.e. `memento.masking.in_window`
+   (`layer_windows`).
 5. **DynamicCache layers** expose `keys` / `values` as `[batch, heads, length, dim]`
    (`remove_span`).
 6. **Llama-family module layout** for the engine's direct forward (`decoder_parts`): `model.model`
@@ -132,31 +133,30 @@ _windows: dict[int, tuple[object, tuple[int | None, ...]]] = {}
 
 def layer_windows(config) -> tuple[int | None, ...]:
     """Per decoder layer: None for full attention, or its sliding window `W` (query `q` sees key
-    `k` only if `q - k < W`, `memento.masking.in_window`). Raises `UnsupportedModel` for layer
-    types without a per-token KV cache to evict from (linear attention, state-space layers, ...)."""
+    `k` only if `q - k < W`, `memento.masking.in_window`). The config is read by
+    `memento.kv.layer_windows` (one reading for the engine, training and KV accounting). Raises
+    `UnsupportedModel` for layer types without a per-token KV cache to evict from (linear
+    attention, state-space or convolution layers, ...)."""
+    from memento.kv import layer_windows as windows_from_config
+
     hit = _windows.get(id(config))
     if hit is not None and hit[0] is config:
         return hit[1]
     text = text_config(config)
-    n = text.num_hidden_layers
-    window = getattr(text, "sliding_window", None)
-    types = getattr(text, "layer_types", None)
     name = getattr(text, "model_type", type(text).__name__)
-    if types is not None:
-        unknown = sorted({str(t) for t in types[:n]} - set(LAYER_TYPES))
-        if unknown:
-            where = [i for i, t in enumerate(types[:n]) if t in unknown]
-            raise UnsupportedModel(
-                f"{name}: layer type(s) {unknown} (layers {where}) are not supported: MEMENTO evicts "
-                "per-token KV entries, which only full and sliding-window attention layers keep"
-            )
-        if "sliding_attention" in types[:n] and not window:
-            raise UnsupportedModel(f"{name}: sliding_attention layers but no sliding_window in the config")
-        windows = tuple(int(window) if t == "sliding_attention" else None for t in types[:n])
-    else:
-        if getattr(text, "use_sliding_window", True) is False:
-            window = None
-        windows = (int(window) if window else None,) * n
+    values = text.to_dict()
+    types = values.get("layer_types") or ()
+    unknown = sorted({str(t) for t in types} - set(LAYER_TYPES))
+    if unknown:
+        where = [i for i, t in enumerate(types) if t in unknown]
+        raise UnsupportedModel(
+            f"{name}: layer type(s) {unknown} (layers {where}) are not supported: MEMENTO evicts "
+            "per-token KV entries, which only full and sliding-window attention layers keep"
+        )
+    try:
+        windows = tuple(None if w is None else int(w) for w in windows_from_config(values))
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedModel(f"{name}: {exc}") from exc
     _windows[id(config)] = (config, windows)
     return windows
 
