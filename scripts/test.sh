@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# Debian's chromium for the headless dashboard test (needs root + apt; the test skips without it)
+bash scripts/install-chromium.sh || echo "chromium unavailable: tests/test_serve_dashboard.py will skip"
 .venv/bin/python -m pytest "$@"
 if [ "${MEMENTO_SKIP_VLLM:-0}" != "1" ]; then
     bash scripts/setup-vllm.sh

@@ -37,10 +37,11 @@ def _register_commands() -> None:
     from memento.engine import cli as engine_cli
     from memento.eval import cli as eval_cli
     from memento.integrations.vllm import cli as vllm_cli
+    from memento.serve import cli as serve_cli
     from memento.toy import cli as toy_cli
     from memento.train import cli as train_cli
 
-    for module in (kv_cli, eval_cli, train_cli, annotate_cli, toy_cli, engine_cli, vllm_cli):
+    for module in (kv_cli, eval_cli, train_cli, annotate_cli, toy_cli, engine_cli, vllm_cli, serve_cli):
         module.register(app)
 
 

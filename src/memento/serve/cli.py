@@ -1,0 +1,159 @@
+"""`memento serve MODEL`: the OpenAI-compatible server over the evicting engine."""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+from pathlib import Path
+
+import typer
+
+from memento.masking import MODES
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _masking(text: str):
+    from memento.masking import BlockMaskingConfig
+
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"--memento-config: not valid JSON ({exc})")
+    if not isinstance(values, dict):
+        _fail(f"--memento-config: expected a JSON object, got {type(values).__name__}")
+    try:
+        return BlockMaskingConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        _fail(f"--memento-config: {exc}")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now, so a busy port is a clear error before the model loads."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        _fail(f"--host {host} --port {port}: cannot listen there ({reason})")
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    model: Path = typer.Argument(..., help="Directory with an HF causal LM and its tokenizer."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (local only by default)."),
+    port: int = typer.Option(8000, "--port", help="Port (0 picks a free one)."),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="MEMENTO_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*."
+    ),
+    kv_budget_tokens: int | None = typer.Option(
+        None, "--kv-budget-tokens", help="Cap on cached tokens over all running requests (default: none)."
+    ),
+    max_batch_size: int = typer.Option(16, "--max-batch-size", help="Most sequences decoded per step."),
+    mode: str = typer.Option(
+        "memento", "--mode", help="full | memento | restart (per request: memento.mode)."
+    ),
+    memento_config: str = typer.Option(
+        "{}",
+        "--memento-config",
+        help='Default block-masking options as JSON, e.g. \'{"keep_last_n_blocks": 0}\' (per request: "memento").',
+    ),
+    served_model_name: str | None = typer.Option(
+        None, "--served-model-name", help="Model name clients use (default: MODEL as given)."
+    ),
+    max_model_len: int | None = typer.Option(
+        None, "--max-model-len", help="Longest prompt + completion (default: the model's max positions)."
+    ),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+) -> None:
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) with a live
+    KV dashboard at /, /health and Prometheus /metrics."""
+    if mode not in MODES:
+        _fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if dtype not in DTYPES:
+        _fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if kv_budget_tokens is not None and kv_budget_tokens < 2:
+        _fail(f"--kv-budget-tokens must be >= 2, got {kv_budget_tokens}")
+    if max_batch_size < 1:
+        _fail(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    if max_model_len is not None and max_model_len < 2:
+        _fail(f"--max-model-len must be >= 2, got {max_model_len}")
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be >= 1, got {threads}")
+    if not 0 <= port <= 65535:
+        _fail(f"--port must be in 0..65535, got {port}")
+    if api_key is not None and not api_key.strip():
+        _fail("--api-key must not be empty")
+    if not model.is_dir():
+        _fail(f"MODEL {model}: no such directory")
+    if not (model / "config.json").is_file():
+        _fail(f"MODEL {model}: no config.json (expected a Hugging Face model directory)")
+    masking = _masking(memento_config)
+    if mode == "memento" and masking.restart_mode:
+        _fail("--memento-config: restart_mode=true needs --mode restart")
+    sock = _bind(host, port)
+
+    import uvicorn
+
+    from memento.engine import Engine
+    from memento.serve.app import ServerSettings, create_app
+    from memento.serve.worker import EngineWorker
+
+    def load() -> Engine:
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return Engine.from_pretrained(
+            model,
+            mode=mode,
+            masking=masking,
+            dtype=dtype,
+            device=device,
+            kv_budget_tokens=kv_budget_tokens,
+            max_batch_size=max_batch_size,
+        )
+
+    server: uvicorn.Server | None = None
+    failure: list[str] = []
+
+    def on_dead(message: str) -> None:
+        if worker.engine is None:  # nothing to serve: stop; a later engine failure keeps /health at 503
+            failure.append(message)
+            if server is not None:
+                server.should_exit = True
+
+    worker = EngineWorker(load, on_dead=on_dead)
+    name = served_model_name or str(model)
+    settings = ServerSettings(
+        model_name=name, mode=mode, masking=masking, api_key=api_key, max_model_len=max_model_len
+    )
+    app = create_app(worker, settings)
+    bound_host, bound_port = sock.getsockname()[:2]
+    typer.echo(
+        f"memento serve: http://{bound_host}:{bound_port} (dashboard at /), model {name!r}, mode {mode}, "
+        f"KV budget {kv_budget_tokens or 'none'}, max batch {max_batch_size}; loading the model...",
+        err=True,
+    )
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if failure:
+        typer.echo(f"error: {failure[0]}", err=True)
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="serve")(serve)
