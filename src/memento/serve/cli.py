@@ -9,29 +9,27 @@ from pathlib import Path
 
 import typer
 
-from memento.masking import MODES
-
-DTYPES = ("float32", "bfloat16", "float16")
+from memento.user_errors import UsageError, check_count, check_device, check_dtype, check_model_dir, fail
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+def _masking(text: str, mode: str):
+    from memento.masking import MODES, BlockMaskingConfig
 
-
-def _masking(text: str):
-    from memento.masking import BlockMaskingConfig
-
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     try:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
-        _fail(f"--memento-config: not valid JSON ({exc})")
+        raise UsageError(f"--memento-config: not valid JSON ({exc})") from None
     if not isinstance(values, dict):
-        _fail(f"--memento-config: expected a JSON object, got {type(values).__name__}")
+        raise UsageError(f"--memento-config: expected a JSON object, got {type(values).__name__}")
     try:
-        return BlockMaskingConfig.from_dict(values)
+        masking = BlockMaskingConfig.from_dict(values)
     except (TypeError, ValueError) as exc:
-        _fail(f"--memento-config: {exc}")
+        raise UsageError(f"--memento-config: {exc}") from None
+    if mode == "memento" and masking.restart_mode:
+        raise UsageError("--memento-config: restart_mode=true needs --mode restart")
+    return masking
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -43,7 +41,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
-        _fail(f"--host {host} --port {port}: cannot listen there ({reason})")
+        fail(f"--host {host} --port {port}: cannot listen there ({reason})")
     sock.set_inheritable(True)
     return sock
 
@@ -80,29 +78,21 @@ def serve(
 ) -> None:
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) with a live
     KV dashboard at /, /health and Prometheus /metrics."""
-    if mode not in MODES:
-        _fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if dtype not in DTYPES:
-        _fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if kv_budget_tokens is not None and kv_budget_tokens < 2:
-        _fail(f"--kv-budget-tokens must be >= 2, got {kv_budget_tokens}")
-    if max_batch_size < 1:
-        _fail(f"--max-batch-size must be >= 1, got {max_batch_size}")
-    if max_model_len is not None and max_model_len < 2:
-        _fail(f"--max-model-len must be >= 2, got {max_model_len}")
-    if threads is not None and threads < 1:
-        _fail(f"--threads must be >= 1, got {threads}")
-    if not 0 <= port <= 65535:
-        _fail(f"--port must be in 0..65535, got {port}")
-    if api_key is not None and not api_key.strip():
-        _fail("--api-key must not be empty")
-    if not model.is_dir():
-        _fail(f"MODEL {model}: no such directory")
-    if not (model / "config.json").is_file():
-        _fail(f"MODEL {model}: no config.json (expected a Hugging Face model directory)")
-    masking = _masking(memento_config)
-    if mode == "memento" and masking.restart_mode:
-        _fail("--memento-config: restart_mode=true needs --mode restart")
+    try:
+        check_dtype(dtype)
+        check_count(kv_budget_tokens, "--kv-budget-tokens", 2)
+        check_count(max_batch_size, "--max-batch-size")
+        check_count(max_model_len, "--max-model-len", 2)
+        check_count(threads, "--threads")
+        if not 0 <= port <= 65535:
+            raise UsageError(f"--port must be in 0..65535, got {port}")
+        if api_key is not None and not api_key.strip():
+            raise UsageError("--api-key must not be empty")
+        check_model_dir(model, "MODEL")
+        masking = _masking(memento_config, mode)
+        check_device(device)
+    except UsageError as exc:
+        fail(str(exc))
     sock = _bind(host, port)
 
     import uvicorn
@@ -149,7 +139,11 @@ def serve(
     )
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after a graceful shutdown
+        typer.echo("memento serve: stopped", err=True)
+        raise typer.Exit(130) from None
     if failure:
         typer.echo(f"error: {failure[0]}", err=True)
         raise typer.Exit(1)

@@ -28,6 +28,10 @@ class _EngineCollector:
             "num_requests_running": ("Sequences (one per choice) in the running batch.", len(s["running"])),
             "num_requests_waiting": ("Sequences waiting to join the batch.", s["waiting"]),
             "kv_cache_tokens": ("KV tokens cached over all running sequences.", s["kv"]),
+            "kv_cache_peak_tokens": (
+                "Most KV tokens cached at once since start (prefill included).",
+                s["peak"],
+            ),
         }
         if s.get("budget"):
             gauges["kv_cache_budget_tokens"] = ("The KV-token budget (--kv-budget-tokens).", s["budget"])
