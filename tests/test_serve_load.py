@@ -194,3 +194,26 @@ def test_greedy_and_seeded_output_equal_memento_generate(tmp_path, toy_tokenizer
         want = expected[sampling][records.index(record)]
         assert ids == want, (record, sampling)
     assert len({tuple(ids) for ids in expected["greedy"]}) == len(records)  # not a degenerate model
+
+
+def test_load_tester_reports_every_request(loaded):
+    """The load tester (benchmarks/serve_bench.py runs it) against a live server: counts, token
+    totals and latencies are consistent with what the server did."""
+    from memento.serve.loadtest import run_load
+
+    url, worker, hook = loaded
+    before = worker.generated
+    messages = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
+    summary = asyncio.run(
+        run_load(url, "toy", messages, num_requests=10, concurrency=4, max_tokens=100, temperature=1.0)
+    )
+    assert summary["completed"] == 10 and summary["failed"] == 0 and not summary["errors"]
+    assert summary["completion_tokens"] == 10 * hook.length == worker.generated - before
+    for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        stats = summary[key]
+        assert 0 < stats["median"] <= stats["p99"], (key, stats)
+    assert summary["e2e_s"]["median"] >= summary["ttft_s"]["median"]
+    assert 0 < summary["peak_kv_tokens"] <= BUDGET and summary["peak_kv_usage"] <= 1.0
+    assert summary["mean_request_peak_kv"] > 0 and summary["output_token_throughput"] > 0
+    bad = asyncio.run(run_load(url, "other-model", messages, num_requests=2, concurrency=2))
+    assert bad["completed"] == 0 and bad["failed"] == 2 and "HTTP 404" in bad["errors"][0]
