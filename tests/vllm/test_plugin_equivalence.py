@@ -214,6 +214,39 @@ def test_kv_blocks_sawtooth_and_no_leak(llm, tokenizer, markers):
     assert not sched._mstates
 
 
+def test_pool_usage_equals_memento_kv_prediction(llm, tokenizer, markers):
+    """vLLM's own block accounting (the number behind `vllm:kv_cache_usage_perc`) equals what
+    `memento.kv` predicts from the token stream alone, at every step, at vLLM's block granularity
+    (a block is held while any of its slots is). The full check over many structures:
+    benchmarks/kv_validation.py."""
+    from memento.kv import kv_occupancy, paged_blocks
+
+    sched = scheduler_of(llm)
+    pool = sched.kv_cache_manager.block_pool.num_gpu_blocks - 1  # the gauge leaves out the null block
+    used: list[int] = []
+    original = sched.schedule
+
+    def schedule(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if out.num_scheduled_tokens:
+            used.append(round(sched.kv_cache_manager.usage * pool))
+        return out
+
+    sched.schedule = schedule
+    try:
+        prompt = header(tokenizer)
+        for name, (overrides, script, max_tokens) in cases(markers).items():
+            used.clear()
+            out = run(llm, [(prompt, overrides, script, max_tokens)])[0]
+            ids = prompt + list(out.outputs[0].token_ids)
+            config = BlockMaskingConfig.from_dict({"keep_last_n_blocks": 0, **overrides})
+            held = kv_occupancy(ids, markers, config)
+            steps = [held[len(prompt) - 1], *held[len(prompt) : len(ids) - 1]]  # prefill, then decodes
+            assert used == [paged_blocks(t, BLOCK) for t in steps], name
+    finally:
+        del sched.schedule
+
+
 def test_block_length_cap(llm, tokenizer, markers):
     """`max_block_tokens=5` (per request): after BS and 5 content tokens the model must emit BE."""
     prompt = header(tokenizer)
