@@ -20,7 +20,7 @@ from memento.kv import (
     layer_windows,
     paged_blocks,
 )
-from memento.masking import BlockMaskingConfig, evictions
+from memento.masking import BlockMaskingConfig, evictions, in_window
 from memento.tokens import MarkerIds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,14 +131,13 @@ _configs = st.sampled_from(
 
 def _held_by_rule(token_ids, cfg, window):
     """Keys query p may attend to, straight from the rule: k <= p, not evicted by a trigger <= p, and
-    on a sliding layer p - k < W (original positions)."""
+    `masking.in_window` (p - k < W in original positions on a sliding layer)."""
     kill = [len(token_ids) + 1] * len(token_ids)
     for ev in evictions(token_ids, M, cfg):
         for k in range(ev.start, ev.end):
             kill[k] = min(kill[k], ev.trigger)
     return [
-        sum(1 for k in range(p + 1) if p < kill[k] and (window is None or p - k < window))
-        for p in range(len(token_ids))
+        sum(1 for k in range(p + 1) if p < kill[k] and in_window(p, k, window)) for p in range(len(token_ids))
     ]
 
 
@@ -185,7 +184,7 @@ def test_layer_windows_from_configs():
     assert layer_windows(qwen_on) == (None, 8, 8)
     assert layer_windows({"num_hidden_layers": 2, "sliding_window": 2047}) == (2047, 2047)  # Mistral, Phi-3
     assert layer_windows({"num_hidden_layers": 2, "sliding_window": None}) == (None, None)
-    with pytest.raises(ValueError, match="not supported by KV accounting"):
+    with pytest.raises(ValueError, match="not supported"):
         layer_windows({"num_hidden_layers": 1, "layer_types": ["linear_attention"]})
     with pytest.raises(ValueError, match="sliding_window is not set"):
         layer_windows({"num_hidden_layers": 1, "layer_types": ["sliding_attention"]})

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memento.format import parse
-from memento.masking import BlockMaskingConfig, BlockTracker, config_for_mode, evictions
+from memento.masking import BlockMaskingConfig, BlockTracker, config_for_mode, evictions, in_window
 from memento.tokens import MarkerIds
 
 # --- occupancy, peak and AUC ---------------------------------------------------------------------
@@ -55,13 +55,12 @@ def kv_occupancy(
     for k, t in enumerate(kill):
         if t <= n:
             killed_at.setdefault(t, []).append(k)
-    reach = n + 1 if window is None else window
     occupancy, held = [], 0
-    for p in range(n):
-        leaving = p - reach  # the key that falls out of the window at this query
-        if leaving >= 0 and kill[leaving] >= p:
+    for p in range(n):  # held = keys k <= p with p < kill[k] and in_window(p, k, window)
+        leaving = p - window if window is not None else -1  # the key that leaves the window now
+        if leaving >= 0 and kill[leaving] >= p:  # it was still held at p - 1
             held -= 1
-        held -= sum(1 for k in killed_at.get(p, ()) if k > leaving)
+        held -= sum(1 for k in killed_at.get(p, ()) if in_window(p, k, window))
         held += 1  # key p itself
         occupancy.append(held)
     return occupancy
@@ -253,7 +252,7 @@ def layer_windows(cfg: dict) -> tuple[int | None, ...]:
         unknown = sorted(set(types) - _LAYER_TYPES)
         if unknown:
             raise ValueError(
-                f"layer type(s) {unknown} in the model config are not supported by KV accounting "
+                f"layer type(s) {unknown} in the model config are not supported "
                 f"(supported: {sorted(_LAYER_TYPES)})"
             )
         if len(types) != layers:
