@@ -18,6 +18,7 @@ from memento.eval.runner import (
     check_run_config,
     generate_results,
     sample_seed,
+    write_run_config,
 )
 
 PROBLEMS = [
@@ -223,8 +224,13 @@ def test_results_file_keeps_complete_unterminated_line(tmp_path):
 
 
 def test_run_config_mismatch_is_refused(tmp_path):
-    check_run_config(tmp_path, {"model": "a", "temperature": 0.6})
-    check_run_config(tmp_path, {"model": "a", "temperature": 0.6})
+    first = {"model": "a", "temperature": 0.6}
+    check_run_config(tmp_path, first)
+    write_run_config(tmp_path, first)
+    # no result written yet (e.g. the model failed to load): other settings are fine
+    check_run_config(tmp_path, {"model": "b", "temperature": 0.6})
+    ResultsFile(tmp_path / "results.jsonl").append({"mode": "m", "id": "1", "sample": 0})
+    check_run_config(tmp_path, first)
     with pytest.raises(ValueError, match="temperature"):
         check_run_config(tmp_path, {"model": "a", "temperature": 1.0})
     check_run_config(tmp_path, {"model": "a", "temperature": 1.0}, overwrite=True)

@@ -95,11 +95,15 @@ def load_benchmark(
 ) -> Benchmark:
     """Read a benchmark JSONL file; a bad line or missing field raises ValueError naming it."""
     path = Path(path)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown benchmark kind {kind!r}; use one of {', '.join(KINDS)}")
     problems: list[Problem] = []
     seen: set[str] = set()
     for where, record in read_jsonl(path, "benchmark file"):
+        if limit is not None and len(problems) >= limit:
+            break
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object per line")
         pf = _pick(record, problem_field, PROBLEM_FIELDS, "problem", "--problem-field", where)
@@ -115,8 +119,6 @@ def load_benchmark(
             raise ValueError(f"{where}: duplicate id {pid!r}; pick a unique field with --id-field")
         seen.add(pid)
         problems.append(Problem(pid, _with_choices(text, choices), _answer_text(record[af], where), index))
-        if limit is not None and len(problems) >= limit:
-            break
     if not problems:
         raise ValueError(f"{path}: no problems found")
     kind = kind or detect_kind([p.answer for p in problems])

@@ -10,6 +10,7 @@ import typer
 
 
 def eval_command(
+    ctx: typer.Context,
     benchmark_file: Path = typer.Argument(..., help="Benchmark JSONL (one problem + gold answer per line)."),
     model: str | None = typer.Option(None, "--model", help="Checkpoint directory to generate with."),
     responses: list[Path] | None = typer.Option(
@@ -57,9 +58,42 @@ def eval_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard results already in --output-dir."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json instead of the table."),
 ) -> None:
-    """Evaluate a checkpoint (--model) or grade existing responses (--responses) on a benchmark."""
-    from rich.console import Console
+    """Evaluate a checkpoint (--model) or grade existing responses (--responses) on a benchmark.
 
+    Resumable: rerun the same command after a stop and it continues (generation) or regrades only
+    what changed (responses)."""
+    args = dict(locals())
+    del args["ctx"]
+    from memento.eval.runner import RESULTS
+    from memento.user_errors import reported
+
+    resume = f"results so far are kept in {output_dir / RESULTS}; rerun the same command to resume"
+    with reported("eval", resume=resume):
+        summary = _evaluate(ctx, **args)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        typer.echo((output_dir / "report.md").read_text())
+        typer.echo(f"wrote {output_dir / RESULTS}, summary.json, report.md", err=True)
+
+
+# flags that only shape generation: given with --responses they would be silently ignored
+_GENERATION_FLAGS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "kv_budget_tokens", "batch_size",
+                     "dtype", "device")  # fmt: skip
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _evaluate(ctx: typer.Context, **a) -> dict:
+    """Validate every argument and input, then generate or grade, then write the report."""
     from memento.eval.benchmarks import load_benchmark
     from memento.eval.report import write_report
     from memento.eval.runner import (
@@ -69,96 +103,130 @@ def eval_command(
         check_run_config,
         generate_results,
         grade_responses,
-        read_responses,
+        read_all_responses,
+        write_run_config,
+    )
+    from memento.masking import MODES
+    from memento.user_errors import (
+        UsageError,
+        check_count,
+        check_device,
+        check_dtype,
+        check_input_file,
+        check_model_dir,
+        check_output_dir,
     )
 
-    err = Console(stderr=True)
-
-    def fail(message: str) -> typer.Exit:
-        err.print(f"[red]error:[/red] {message}")
-        return typer.Exit(2)
-
+    model, responses, output_dir = a["model"], a["responses"], a["output_dir"]
     if (model is None) == (not responses):
-        raise fail("give exactly one of --model DIR or --responses FILE")
-    if model_config is not None and kv_preset is not None:
-        raise fail("give at most one of --model-config and --kv-preset")
-    modes = list(mode or ["memento"])
-    try:
-        bench = load_benchmark(
-            benchmark_file,
-            kind=kind,
-            problem_field=problem_field,
-            answer_field=answer_field,
-            id_field=id_field,
-            limit=limit,
+        raise UsageError("give exactly one of --model DIR or --responses FILE")
+    if a["model_config"] is not None and a["kv_preset"] is not None:
+        raise UsageError("give at most one of --model-config and --kv-preset")
+    check_input_file(a["benchmark_file"], "benchmark file")
+    check_output_dir(output_dir)
+    check_count(a["limit"], "--limit")
+    if model is not None:
+        modes = list(a["mode"] or ["memento"])
+        unknown = [m for m in modes if m not in MODES]
+        if unknown:
+            raise UsageError(f"--mode {unknown[0]!r} is not a mode; use one of {', '.join(MODES)}")
+        if len(set(modes)) != len(modes):
+            raise UsageError(f"--mode given twice: {modes}")
+        if a["tokenizer"] is not None:
+            raise UsageError("--tokenizer is for --responses (a --model run uses the model's own tokenizer)")
+        check_model_dir(model)
+        check_dtype(a["dtype"])
+        check_device(a["device"])
+        check_count(a["batch_size"], "--batch-size")
+        check_count(a["kv_budget_tokens"], "--kv-budget-tokens", 2)
+        config = GenerationConfig(
+            model=str(Path(model).resolve()),
+            n=a["n"],
+            temperature=a["temperature"],
+            top_p=a["top_p"],
+            top_k=a["top_k"],
+            max_new_tokens=a["max_new_tokens"],
+            seed=a["seed"],
+            prompt_template=a["prompt_template"],
+            dtype=a["dtype"],
+            device=a["device"],
+            kv_budget_tokens=a["kv_budget_tokens"],
+            batch_size=a["batch_size"],
         )
-        shape = _kv_shape(model, model_config, kv_preset)
-        bytes_per_token = shape.bytes_per_token if shape else None
-        if shape is not None and shape.sliding:
-            err.print(
-                f"[yellow]note:[/yellow] {shape.name} has sliding-window layers ({shape.describe()}); "
-                "the GB rows count every layer as full attention; `memento kv` counts bytes per layer type"
-            )
-        results_path = output_dir / RESULTS
-        if overwrite and results_path.exists():
-            results_path.unlink()
-        if model is not None:
-            config = GenerationConfig(
-                model=str(Path(model).resolve()) if Path(model).exists() else model,
-                n=n,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                max_new_tokens=max_new_tokens,
-                seed=seed,
-                prompt_template=prompt_template,
-                dtype=dtype,
-                device=device,
-                kv_budget_tokens=kv_budget_tokens,
-                batch_size=batch_size,
-            )
-            check_run_config(output_dir, {"benchmark": bench.name, **config.fingerprint()}, overwrite)
-            results = ResultsFile(results_path)
-            with _RichProgress() as progress:
-                generate_results(bench, modes, config, results, progress=progress.hooks())
-            order = modes
-        else:
-            from memento.eval.retokenize import Retokenizer
-
-            retok = Retokenizer(tokenizer, prompt_template) if tokenizer else None
-            explicit_mode = mode[0] if mode and len(responses) == 1 else None
-            records = [r for path in responses for r in read_responses(path, bench, explicit_mode)]
-            if retok is None and any(r.token_ids is not None for r in records):
-                err.print(
-                    "[yellow]note:[/yellow] token_ids are ignored without --tokenizer (needed for the markers)"
-                )
-            output_dir.mkdir(parents=True, exist_ok=True)
-            results = ResultsFile(results_path)
-            with _RichProgress() as progress:
-                grade_responses(bench, records, results, retokenizer=retok, progress=progress.hooks())
-            order = list(dict.fromkeys(r.mode for r in records))
-        wanted = {p.id for p in bench.problems}
-        kept = [r for r in results.records if str(r["id"]) in wanted and r["mode"] in order]
-        summary = write_report(
-            output_dir,
-            kept,
-            benchmark=bench.name,
-            kind=bench.kind,
-            problems=len(bench),
-            order=order,
-            bytes_per_token=bytes_per_token,
-            plot_ids=plot_ids or None,
-            plots=not no_plots,
-            seed=seed,
-        )
-    except ValueError as exc:
-        raise fail(str(exc)) from exc
-
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2))
     else:
-        typer.echo((output_dir / "report.md").read_text())
-        err.print(f"wrote {output_dir / RESULTS}, summary.json, report.md")
+        given = [_flag(f) for f in _GENERATION_FLAGS if _given(ctx, f)]
+        if given:
+            raise UsageError(f"{given[0]} applies to --model runs only; --responses are graded as they are")
+        if a["mode"] and (len(a["mode"]) > 1 or len(responses) > 1):
+            raise UsageError(
+                "--mode names the column of a single --responses file; with several files each is its own "
+                "column (named after the file), or put a 'mode' field in the lines"
+            )
+        for path in responses:
+            check_input_file(path, "--responses")
+        if a["tokenizer"] is not None and not Path(a["tokenizer"]).is_dir():
+            raise UsageError(f"--tokenizer {a['tokenizer']}: no such directory")
+        if a["prompt_template"] is not None and "{problem}" not in a["prompt_template"]:
+            raise UsageError("--prompt-template must contain {problem}")
+    bench = load_benchmark(
+        a["benchmark_file"],
+        kind=a["kind"],
+        problem_field=a["problem_field"],
+        answer_field=a["answer_field"],
+        id_field=a["id_field"],
+        limit=a["limit"],
+    )
+    wanted = {p.id for p in bench.problems}
+    missing = [i for i in a["plot_ids"] or [] if i not in wanted]
+    if missing:
+        raise UsageError(f"--plot-id {missing[0]!r} is not an id of {a['benchmark_file']} (first ids: "
+                         f"{', '.join(p.id for p in bench.problems[:5])})")  # fmt: skip
+    shape = _kv_shape(model, a["model_config"], a["kv_preset"])
+    bytes_per_token = shape.bytes_per_token if shape else None
+    if shape is not None and shape.sliding:
+        typer.echo(
+            f"note: {shape.name} has sliding-window layers ({shape.describe()}); the GB rows count every "
+            "layer as full attention; `memento kv` counts bytes per layer type",
+            err=True,
+        )
+    results_path = output_dir / RESULTS
+    if model is not None:
+        run_config = {"benchmark": bench.name, **config.fingerprint()}
+        check_run_config(output_dir, run_config, a["overwrite"])
+        if a["overwrite"] and results_path.exists():
+            results_path.unlink()
+        write_run_config(output_dir, run_config)
+        results = ResultsFile(results_path)
+        with _RichProgress() as progress:
+            generate_results(bench, modes, config, results, progress=progress.hooks())
+        order = modes
+    else:
+        from memento.eval.retokenize import Retokenizer
+
+        records = read_all_responses(responses, bench, a["mode"][0] if a["mode"] else None)
+        retok = Retokenizer(a["tokenizer"], a["prompt_template"]) if a["tokenizer"] else None
+        if retok is None and any(r.token_ids is not None for r in records):
+            typer.echo("note: token_ids are ignored without --tokenizer (needed for the markers)", err=True)
+        if a["overwrite"] and results_path.exists():
+            results_path.unlink()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        results = ResultsFile(results_path)
+        with _RichProgress() as progress:
+            grade_responses(bench, records, results, retokenizer=retok, progress=progress.hooks())
+        order = list(dict.fromkeys(r.mode for r in records))
+    kept = [r for r in results.records if str(r["id"]) in wanted and r["mode"] in order]
+    return write_report(
+        output_dir,
+        kept,
+        benchmark=bench.name,
+        kind=bench.kind,
+        problems=len(bench),
+        order=order,
+        bytes_per_token=bytes_per_token,
+        plot_ids=a["plot_ids"] or None,
+        plots=not a["no_plots"],
+        seed=a["seed"],
+    )
 
 
 def _kv_shape(model: str | None, model_config: Path | None, kv_preset: str | None):

@@ -167,8 +167,14 @@ def render_markdown(summary: dict, plots: Sequence[str] = (), per_problem: dict 
             return R[m][name].get(k)
         return R[m].get(key)
 
+    graded = sorted({R[m]["problems"] for m in runs})
+    if graded == [summary["problems"]]:
+        counted = f"{summary['problems']} problems"
+    else:  # say how many were graded, not how many the benchmark has
+        span = str(graded[0]) if len(graded) == 1 else f"{graded[0]}–{graded[-1]}"
+        counted = f"{span} of {summary['problems']} problems graded"
     lines = [
-        f"# {summary['benchmark']} — {summary['problems']} problems, {n} sample(s) each",
+        f"# {summary['benchmark']} — {counted}, {n} sample(s) each",
         "",
         "Δ vs the first column: additive in points for rates, multiplicative for sizes.",
         "",

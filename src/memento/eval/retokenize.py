@@ -19,8 +19,8 @@ class Retokenizer:
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot load tokenizer {name_or_path!r}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
+            raise ValueError(f"--tokenizer {name_or_path}: cannot load a tokenizer ({exc})") from None
         ensure_chat_template(self.tokenizer)
         try:
             self.markers = MarkerIds.from_tokenizer(self.tokenizer)
@@ -28,6 +28,19 @@ class Retokenizer:
             raise ValueError(f"tokenizer {name_or_path!r} cannot measure KV: {exc}") from exc
         self.prompt_template = prompt_template
         self.count = token_counter(self.tokenizer)
+        self.vocab_size = len(self.tokenizer)
+        # what the measured numbers depend on (part of each graded line's fingerprint)
+        self.signature = f"{name_or_path}|{prompt_template}"
+
+    def check_ids(self, ids: list[int], where: str) -> None:
+        """Token ids must exist in this tokenizer (ids from another model's vocabulary would
+        be replayed as garbage)."""
+        top = max(ids, default=-1)
+        if top >= self.vocab_size:
+            raise ValueError(
+                f"{where}: token id {top} is outside the tokenizer's vocabulary ({self.vocab_size} tokens); "
+                "were these ids made with another tokenizer?"
+            )
 
     def prompt_ids(self, problem: str) -> list[int]:
         content = self.prompt_template.format(problem=problem) if self.prompt_template else problem

@@ -9,6 +9,7 @@ generates does not depend on what was already done or on batching.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -108,6 +109,19 @@ class ResultsFile:
             self.keys.add(key)
             self.records.append(record)
 
+    def discard(self, keys: set[Key]) -> None:
+        """Remove these keys' lines (the file is rewritten atomically)."""
+        if not keys & self.keys:
+            return
+        self.records = [r for r in self.records if self.key(r) not in keys]
+        self.keys -= keys
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
     def append(self, record: dict) -> bool:
         """Write one result line (flushed and synced); False if the key is already there."""
         key = self.key(record)
@@ -128,12 +142,17 @@ def sample_seed(seed: int, problem_index: int, sample: int) -> int:
 
 
 def check_run_config(output_dir: Path, config: dict, overwrite: bool = False) -> None:
-    """Refuse to mix outputs from different generation settings in one results file."""
+    """Refuse to mix results made with different generation settings in one results file.
+
+    Only results already there can conflict: a `run_config.json` left by a run that wrote no
+    result (a typo in --model, a model that failed to load) never blocks the corrected rerun."""
     path = output_dir / RUN_CONFIG
-    if path.exists() and not overwrite:
+    results = output_dir / RESULTS
+    has_results = results.is_file() and results.stat().st_size > 0
+    if path.exists() and has_results and not overwrite:
         try:
             old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             old = None
         if old is not None and old != config:
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
@@ -141,8 +160,11 @@ def check_run_config(output_dir: Path, config: dict, overwrite: bool = False) ->
                 f"{output_dir} holds results made with different settings ({', '.join(diff)}); "
                 "use another --output-dir, or --overwrite to start over"
             )
+
+
+def write_run_config(output_dir: Path, config: dict) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (output_dir / RUN_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _sample_record(
@@ -190,14 +212,19 @@ def default_engine_factory(config: GenerationConfig) -> Callable[[str], object]:
     def make(mode: str):
         from memento.engine import Engine
 
-        return Engine.from_pretrained(
-            config.model,
-            mode=mode,
-            dtype=config.dtype,
-            device=config.device,
-            kv_budget_tokens=config.kv_budget_tokens,
-            max_batch_size=config.batch_size,
-        )
+        try:
+            return Engine.from_pretrained(
+                config.model,
+                mode=mode,
+                dtype=config.dtype,
+                device=config.device,
+                kv_budget_tokens=config.kv_budget_tokens,
+                max_batch_size=config.batch_size,
+            )
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
+            raise ValueError(
+                f"--model {config.model}: cannot load the model ({type(exc).__name__}: {exc})"
+            ) from None
 
     return make
 
@@ -309,6 +336,33 @@ class ResponseRecord:
     token_ids: list[int] | None = None
     prompt_ids: list[int] | None = None
     extra: dict = field(default_factory=dict)
+    where: str = ""  # file:line, for messages
+
+
+def column_names(paths: Sequence[str | Path]) -> list[str]:
+    """The report column of each responses file: its name without extension, with as many parent
+    folders as it takes to tell files apart (`runA/responses`, `runB/responses`)."""
+    resolved = [Path(p).resolve() for p in paths]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            raise ValueError(f"--responses {paths[i]} is given twice")
+    parts = [list(p.with_suffix("").parts) for p in resolved]
+    depth = 1
+    while True:
+        names = ["/".join(ps[-depth:]) for ps in parts]
+        if len(set(names)) == len(names) or depth >= max(len(ps) for ps in parts):
+            return names
+        depth += 1
+
+
+def _int_list(value, name: str, where: str) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    ):
+        raise ValueError(f"{where}: {name!r} must be a list of non-negative integers (token ids)")
+    return value
 
 
 def read_responses(
@@ -325,18 +379,23 @@ def read_responses(
     for where, rec in read_jsonl(path, "responses file"):
         if not isinstance(rec, dict) or "id" not in rec or "response" not in rec:
             raise ValueError(f"{where}: each line needs 'id' and 'response'")
+        if isinstance(rec["id"], bool) or not isinstance(rec["id"], str | int):
+            raise ValueError(f"{where}: 'id' must be a string or an integer, got {rec['id']!r}")
         pid = str(rec["id"])
         if pid not in known:
             raise ValueError(f"{where}: id {pid!r} is not in benchmark {benchmark.name!r} (check --id-field)")
         response = rec["response"]
+        if response is None:
+            response = ""  # no answer produced: graded as wrong, not skipped
         if not isinstance(response, str):
-            response = "" if response is None else str(response)
-        mode = str(rec.get("mode") or mode_default)
+            raise ValueError(f"{where}: 'response' must be a string, got {type(response).__name__}")
+        mode = rec.get("mode") or mode_default
+        if not isinstance(mode, str):
+            raise ValueError(f"{where}: 'mode' must be a string, got {mode!r}")
         if "sample" in rec:
-            try:
-                sample = int(rec["sample"])
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{where}: 'sample' must be an integer") from exc
+            sample = rec["sample"]
+            if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+                raise ValueError(f"{where}: 'sample' must be a non-negative integer, got {sample!r}")
         else:
             sample = counters.get((mode, pid), 0)
         counters[(mode, pid)] = max(counters.get((mode, pid), 0), sample + 1)
@@ -344,13 +403,41 @@ def read_responses(
         if key in seen:
             raise ValueError(f"{where}: duplicate response for id {pid!r} sample {sample} (mode {mode!r})")
         seen.add(key)
-        ids = rec.get("token_ids")
-        pids = rec.get("prompt_ids")
-        for name, value in (("token_ids", ids), ("prompt_ids", pids)):
-            if value is not None and not (isinstance(value, list) and all(isinstance(t, int) for t in value)):
-                raise ValueError(f"{where}: {name!r} must be a list of integers")
-        out.append(ResponseRecord(pid, sample, response, mode, ids, pids))
+        ids = _int_list(rec.get("token_ids"), "token_ids", where)
+        pids = _int_list(rec.get("prompt_ids"), "prompt_ids", where)
+        out.append(ResponseRecord(pid, sample, response, mode, ids, pids, where=where))
+    if not out:
+        raise ValueError(f"{path}: no responses (the file is empty)")
     return out
+
+
+def read_all_responses(
+    paths: Sequence[str | Path], benchmark: Benchmark, mode: str | None = None
+) -> list[ResponseRecord]:
+    """Every responses file, each in its own column (see `column_names`; `mode` names the column
+    of a single file); a (column, id, sample) given twice across files is an error, never a
+    silent drop."""
+    names = [mode] if mode is not None and len(paths) == 1 else column_names(paths)
+    records: list[ResponseRecord] = []
+    first: dict[Key, str] = {}
+    for path, name in zip(paths, names, strict=True):
+        for r in read_responses(path, benchmark, name):
+            key = (r.mode, r.id, r.sample)
+            if key in first:
+                raise ValueError(
+                    f"{r.where}: response for id {r.id!r} sample {r.sample} in column {r.mode!r} is also "
+                    f"at {first[key]}; give each file its own 'mode' (or a different name)"
+                )
+            first[key] = r.where
+            records.append(r)
+    return records
+
+
+def response_fingerprint(r: ResponseRecord, problem: Problem, kind: str, measure: str | None) -> str:
+    """What a graded line depends on: the response (text and ids), the gold answer, the grading
+    kind and how tokens were measured. A rerun regrades exactly the lines whose fingerprint moved."""
+    payload = [r.response, r.token_ids, r.prompt_ids, problem.answer, problem.problem, kind, measure]
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
 def grade_responses(
@@ -361,24 +448,44 @@ def grade_responses(
     retokenizer: Retokenizer | None = None,
     progress: Progress | None = None,
 ) -> int:
-    """Grade (and, with a tokenizer, KV-replay) responses made elsewhere; resumable like generation."""
+    """Grade (and, with a tokenizer, KV-replay) responses made elsewhere. Lines already graded from
+    the same inputs are kept; lines of these columns whose response, gold answer or measuring
+    changed, or that are no longer in the files, are dropped and regraded (so a rerun after
+    fixing the inputs shows the new grades). Returns how many lines were graded."""
     known = benchmark.by_id()
     progress = progress or Progress()
-    todo = [r for r in responses if (r.mode, r.id, r.sample) not in results.keys and r.id in known]
+    measure = retokenizer.signature if retokenizer is not None else None
+    current = {
+        (r.mode, r.id, r.sample): (r, response_fingerprint(r, known[r.id], benchmark.kind, measure))
+        for r in responses
+        if r.id in known
+    }
+    modes = {key[0] for key in current}
+    stale = {
+        results.key(rec)
+        for rec in results.records
+        if rec["mode"] in modes
+        and (results.key(rec) not in current or rec.get("source") != current[results.key(rec)][1])
+    }
+    results.discard(stale)
+    todo = [(r, fp) for key, (r, fp) in current.items() if key not in results.keys]
+    if not todo:
+        return 0
     progress.start(f"{benchmark.name} [grading]", len(todo))
     produced = 0
     try:
-        for r in todo:
+        for r, fingerprint in todo:
             problem = known[r.id]
             peak = auc = None
             trace: list[int] | None = None
-            extra: dict = {}
+            extra: dict = {"source": fingerprint}
             if retokenizer is not None:
                 prompt = r.prompt_ids if r.prompt_ids is not None else retokenizer.prompt_ids(problem.problem)
                 output = r.token_ids if r.token_ids is not None else retokenizer.output_ids(r.response)
+                retokenizer.check_ids(prompt + output, r.where)
                 kv_mode = r.mode if r.mode in MODES else "memento"
                 peak, auc, trace = replay_kv(prompt + output, len(prompt), retokenizer.markers, kv_mode)
-                extra = {"prompt_tokens": len(prompt), "output_tokens": len(output)}
+                extra.update(prompt_tokens=len(prompt), output_tokens=len(output))
             record = _sample_record(
                 mode=r.mode,
                 problem=problem,
