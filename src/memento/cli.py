@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from memento import __version__
+from memento.console import plain_help_when_piped
 
 app = typer.Typer(
     name="memento",
@@ -14,6 +15,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+plain_help_when_piped(app)
 
 
 def _version(value: bool) -> None:

@@ -4,7 +4,6 @@ speed measurements on block-structured token streams)."""
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,42 +14,108 @@ from memento.jsonl import read_jsonl
 MODE_HELP = "full (vanilla attention, blocks only tracked) | memento (evict blocks) | restart (ablation)"
 
 
-def _masking(
-    keep_last_n_blocks: int,
-    mask_delimiters: bool,
-    keep_last_block_for_answer: bool,
-    max_block_tokens: int,
-    no_require_assistant_section: bool,
-):
-    from memento.masking import BlockMaskingConfig
-
-    return BlockMaskingConfig(
-        keep_last_n_blocks=keep_last_n_blocks,
-        mask_delimiters=mask_delimiters,
-        keep_last_block_for_answer=keep_last_block_for_answer,
-        max_block_tokens=max_block_tokens,
-        require_assistant_section=not no_require_assistant_section,
-    )
+# flags that shape eviction: --mode full never evicts, so giving them there is a contradiction
+_EVICTION_FLAGS = ("keep_last_n_blocks", "mask_delimiters", "keep_last_block_for_answer")
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user typed this option (rather than getting its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL file, or exit with a message naming the file and line."""
-    records = []
+def _check_mode(mode: str, flag: str = "--mode") -> str:
+    from memento.masking import MODES
+    from memento.user_errors import UsageError
+
+    if mode not in MODES:
+        raise UsageError(f"{flag} {mode!r} is not a mode; use one of {', '.join(MODES)}")
+    return mode
+
+
+def _check_engine_args(dtype: str, device: str, max_batch_size: int, kv_budget_tokens: int | None) -> None:
+    from memento.user_errors import check_count, check_device, check_dtype
+
+    check_dtype(dtype)
+    check_device(device)
+    check_count(max_batch_size, "--max-batch-size")
+    check_count(kv_budget_tokens, "--kv-budget-tokens", 2)  # a request needs room for two tokens
+
+
+def _load_engine(model: Path, **kwargs):
+    """Engine.from_pretrained with any loading failure reported against the model directory."""
+    from memento.engine import Engine
+
     try:
-        for where, record in read_jsonl(path):
-            if not isinstance(record, dict):
-                _fail(f"{where}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    except ValueError as exc:
-        _fail(f"{exc}; expected one JSON object per line")
+        return Engine.from_pretrained(model, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
+        raise ValueError(f"--model {model}: cannot load the model ({type(exc).__name__}: {exc})") from None
+
+
+def _read_jsonl(path: Path, flag: str) -> list[tuple[str, dict]]:
+    """`(file:line, record)` of a JSONL file of objects; errors name the file and line."""
+    from memento.user_errors import UsageError, check_input_file
+
+    check_input_file(path, flag)
+    records = []
+    for where, record in read_jsonl(path, f"{flag} file"):
+        if not isinstance(record, dict):
+            raise UsageError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        records.append((where, record))
     if not records:
-        _fail(f"{path} holds no records")
+        raise UsageError(f"{flag} {path}: holds no records (only blank lines)")
     return records
+
+
+def _check_messages(messages, where: str) -> list[dict]:
+    from memento.user_errors import UsageError
+
+    if not isinstance(messages, list) or not messages:
+        raise UsageError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
+            raise UsageError(f"{where}: messages[{i}] needs a 'role' string (system, user or assistant)")
+        if not isinstance(m.get("content"), str):
+            raise UsageError(f"{where}: messages[{i}] needs a 'content' string")
+    return messages
+
+
+def _prompt_specs(prompts: Path) -> list[tuple[str, str, object]]:
+    """`(where, kind, value)` per line of a --prompts file, validated before any model is loaded:
+    kind "messages" (rendered with the chat template) or "prompt" (raw text)."""
+    from memento.user_errors import UsageError
+
+    specs = []
+    for where, record in _read_jsonl(prompts, "--prompts"):
+        if "messages" in record:
+            specs.append((where, "messages", _check_messages(record["messages"], where)))
+        elif isinstance(record.get("prompt"), str) and record["prompt"].strip():
+            specs.append((where, "prompt", record["prompt"]))
+        else:
+            raise UsageError(f'{where}: expected {{"messages": [...]}} or a non-empty {{"prompt": "..."}}')
+    return specs
+
+
+def _position_warnings(engine, prompt_ids: list[list[int]], max_new_tokens: int, names: list[str]) -> None:
+    """Warn when a prompt (plus what may be generated) runs past the model's trained positions."""
+    config = engine.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    over = [
+        (name, len(ids))
+        for name, ids in zip(names, prompt_ids, strict=True)
+        if len(ids) + max_new_tokens > limit
+    ]
+    for name, length in over[:3]:
+        typer.echo(
+            f"warning: {name} has {length} tokens; with {max_new_tokens} more it can reach position "
+            f"{length + max_new_tokens}, past the model's max_position_embeddings {limit}",
+            err=True,
+        )
+    if len(over) > 3:
+        typer.echo(f"warning: ... and {len(over) - 3} more prompts past that limit", err=True)
 
 
 def _output_record(out, markers) -> dict:
@@ -78,6 +143,7 @@ def _output_record(out, markers) -> dict:
 
 
 def generate(
+    ctx: typer.Context,
     model: Path = typer.Option(..., "--model", help="Directory with an HF causal LM and its tokenizer."),
     prompt: str | None = typer.Option(
         None, "--prompt", help="One user message (rendered with the chat template)."
@@ -126,19 +192,37 @@ def generate(
     ),
 ) -> None:
     """Generate with block eviction; prints the text with markers visible."""
-    if (prompt is None) == (prompts is None):
-        _fail("give exactly one of --prompt TEXT or --prompts FILE")
-    if logprobs and not as_json:
-        _fail("--logprobs adds fields to the --json records; pass --json too")
-    from memento.engine import Engine, SamplingParams
+    from memento.user_errors import reported
 
-    try:
-        masking = _masking(
-            keep_last_n_blocks,
-            mask_delimiters,
-            keep_last_block_for_answer,
-            max_block_tokens,
-            no_require_assistant_section,
+    with reported("generate"):
+        if (prompt is None) == (prompts is None):
+            raise ValueError("give exactly one of --prompt TEXT or --prompts FILE")
+        if logprobs and not as_json:
+            raise ValueError("--logprobs adds fields to the --json records; pass --json too")
+        if raw and prompts is not None:
+            raise ValueError(
+                '--raw applies to --prompt; in a --prompts file write {"prompt": "..."} for raw text'
+            )
+        if prompt is not None and not prompt.strip():
+            raise ValueError("--prompt is empty")
+        _check_mode(mode)
+        if mode == "full":
+            given = [f for f in _EVICTION_FLAGS if _given(ctx, f)]
+            if given:
+                flag = "--" + given[0].replace("_", "-")
+                raise ValueError(
+                    f"{flag} has no effect with --mode full (it never evicts); drop it or use --mode memento"
+                )
+        from memento.engine import SamplingParams
+        from memento.masking import BlockMaskingConfig
+        from memento.user_errors import check_model_dir
+
+        masking = BlockMaskingConfig(
+            keep_last_n_blocks=keep_last_n_blocks,
+            mask_delimiters=mask_delimiters,
+            keep_last_block_for_answer=keep_last_block_for_answer,
+            max_block_tokens=max_block_tokens,
+            require_assistant_section=not no_require_assistant_section,
         )
         params = SamplingParams(
             temperature=temperature,
@@ -150,7 +234,10 @@ def generate(
             n=n,
             logprobs=logprobs,
         )
-        engine = Engine.from_pretrained(
+        check_model_dir(model)
+        _check_engine_args(dtype, device, max_batch_size, kv_budget_tokens)
+        specs = _prompt_specs(prompts) if prompts is not None else [("--prompt", "prompt", prompt)]
+        engine = _load_engine(
             model,
             mode=mode,
             masking=masking,
@@ -159,25 +246,27 @@ def generate(
             kv_budget_tokens=kv_budget_tokens,
             max_batch_size=max_batch_size,
         )
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        _fail(str(exc))
-    texts: list[str] = []
-    if prompt is not None:
-        texts.append(prompt if raw else engine.chat_prompt([{"role": "user", "content": prompt}]))
-    else:
-        for i, record in enumerate(_read_jsonl(prompts)):
-            if isinstance(record.get("messages"), list):
-                texts.append(engine.chat_prompt(record["messages"]))
-            elif isinstance(record.get("prompt"), str):
-                texts.append(record["prompt"])
+        texts = []
+        for where, kind, value in specs:
+            if kind == "prompt" and (prompts is not None or raw):
+                texts.append(value)
+            elif kind == "prompt":
+                texts.append(engine.chat_prompt([{"role": "user", "content": value}]))
             else:
-                _fail(f'{prompts} line {i + 1}: expected {{"messages": [...]}} or {{"prompt": "..."}}')
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            outputs = engine.generate(texts, params)
-        except RuntimeError as exc:
-            _fail(str(exc))
+                try:
+                    texts.append(engine.chat_prompt(value))
+                except Exception as exc:  # noqa: BLE001 - a chat template rejects what it cannot render
+                    raise ValueError(
+                        f"{where}: the chat template cannot render these messages ({exc})"
+                    ) from None
+        prompt_ids = [engine.encode(t) for t in texts]
+        _position_warnings(engine, prompt_ids, max_new_tokens, [f"prompt {i}" for i in range(len(texts))])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                outputs = engine.generate(prompt_ids, params)
+            except RuntimeError as exc:
+                raise ValueError(str(exc)) from None
     for w in caught:
         typer.echo(f"warning: {w.message}", err=True)
     for out in outputs:
@@ -194,20 +283,76 @@ def generate(
             )
 
 
+def _token_ids(value, name: str, where: str) -> list[int]:
+    from memento.user_errors import UsageError
+
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    ):
+        raise UsageError(f"{where}: {name!r} must be a non-empty list of non-negative integers (token ids)")
+    return value
+
+
+def _replay_specs(path: Path) -> list[tuple[str, str, object]]:
+    """`(where, kind, value)` per line of a --replay file, validated before any model is loaded:
+    kind "ids" (token_ids, prompt_len), "trace" (a MementoTrace) or "text" (prompt?, problem?, text)."""
+    from memento.format import MementoTrace
+    from memento.user_errors import UsageError
+
+    specs = []
+    for where, record in _read_jsonl(path, "--replay"):
+        if "token_ids" in record:
+            ids = _token_ids(record["token_ids"], "token_ids", where)
+            cut = record.get("prompt_len")
+            if cut is not None and (
+                isinstance(cut, bool) or not isinstance(cut, int) or not 1 <= cut < len(ids)
+            ):
+                raise UsageError(f"{where}: prompt_len {cut!r} must be an integer in 1..{len(ids) - 1}")
+            specs.append((where, "ids", (ids, cut)))
+        elif "blocks" in record and "problem" in record:
+            try:
+                specs.append((where, "trace", MementoTrace.from_dict(record)))
+            except ValueError as exc:
+                raise UsageError(f"{where}: {exc}") from None
+        elif "text" in record:
+            text, prompt, problem = record["text"], record.get("prompt"), record.get("problem", "")
+            if not isinstance(text, str) or not text:
+                raise UsageError(f"{where}: 'text' must be a non-empty string")
+            for name, value in (("prompt", prompt), ("problem", problem)):
+                if value is not None and not isinstance(value, str):
+                    raise UsageError(f"{where}: {name!r} must be a string, got {type(value).__name__}")
+            specs.append((where, "text", (prompt, problem, text)))
+        else:
+            raise UsageError(
+                f'{where}: expected "token_ids", "text", or a Memento trace ("problem" + "blocks")'
+            )
+    return specs
+
+
 def load_replay(path: Path, engine) -> tuple[list[list[int]], list[list[int]]]:
     """(prompts, outputs) token streams from JSONL: {"token_ids": [...], "prompt_len": k?},
     {"text": ..., "prompt"?/"problem"?}, or Memento traces {"problem", "blocks", "answer"}."""
-    from memento.format import MementoTrace
+    return tokenize_replay(_replay_specs(path), engine)
+
+
+def tokenize_replay(specs, engine) -> tuple[list[list[int]], list[list[int]]]:
+    """Token streams of validated replay lines; ids must exist in the model's vocabulary."""
     from memento.tokens import IM_END
+    from memento.user_errors import UsageError
 
     tok = engine.tokenizer
     markers = engine.markers
+    vocab = engine.model.get_input_embeddings().num_embeddings
     prompts, outputs = [], []
-    for i, record in enumerate(_read_jsonl(path)):
-        where = f"{path} line {i + 1}"
-        if isinstance(record.get("token_ids"), list):
-            ids = [int(t) for t in record["token_ids"]]
-            cut = record.get("prompt_len")
+    for where, kind, value in specs:
+        if kind == "ids":
+            ids, cut = value
+            if max(ids) >= vocab:
+                raise UsageError(
+                    f"{where}: token id {max(ids)} is outside the model's vocabulary ({vocab} ids)"
+                )
             if cut is None:  # after the first `<|im_start|>assistant` header (its newline included)
                 cut = next(
                     (
@@ -220,32 +365,24 @@ def load_replay(path: Path, engine) -> tuple[list[list[int]], list[list[int]]]:
                 if cut < len(ids) and tok is not None and tok.decode([ids[cut]]) == "\n":
                     cut += 1
             if not 1 <= cut < len(ids):
-                _fail(f"{where}: prompt_len {cut} leaves no prompt or no output")
+                raise UsageError(f"{where}: no output after the prompt (give prompt_len)")
             prompts.append(ids[:cut])
             outputs.append(ids[cut:])
             continue
         if tok is None:
-            _fail(f"{where}: text records need a tokenizer")
-        if "blocks" in record and "problem" in record:
-            try:
-                trace = MementoTrace.from_dict(record)
-            except ValueError as exc:
-                _fail(f"{where}: {exc}")
-            prompt = engine.chat_prompt([{"role": "user", "content": trace.problem}])
-            text = trace.render() + IM_END
-        elif isinstance(record.get("text"), str):
-            if isinstance(record.get("prompt"), str):
-                prompt = record["prompt"]
-            else:
-                prompt = engine.chat_prompt([{"role": "user", "content": str(record.get("problem", ""))}])
-            text = record["text"]
+            raise UsageError(f"{where}: text records need a tokenizer")
+        if kind == "trace":
+            prompt = engine.chat_prompt([{"role": "user", "content": value.problem}])
+            text = value.render() + IM_END
         else:
-            _fail(f'{where}: expected "token_ids", "text", or a Memento trace ("problem" + "blocks")')
+            raw_prompt, problem, text = value
+            prompt = (
+                raw_prompt
+                if raw_prompt is not None
+                else engine.chat_prompt([{"role": "user", "content": problem}])
+            )
         prompts.append(tok.encode(prompt, add_special_tokens=False))
-        out = tok.encode(text, add_special_tokens=False)
-        if not out:
-            _fail(f"{where}: empty generation")
-        outputs.append(out)
+        outputs.append(tok.encode(text, add_special_tokens=False))
     return prompts, outputs
 
 
@@ -267,12 +404,45 @@ def bench(
 ) -> None:
     """Replay block-structured token streams through the real model (teacher forcing) in each mode
     under the same scheduler and KV budget: completion time, throughput, peak KV."""
+    from memento.user_errors import reported
+
+    with reported("bench"):
+        results = _bench(replay, model, toy, modes, keep_last_n_blocks, mask_delimiters, kv_budget_tokens,
+                         max_batch_size, repeat, dtype, device, as_json)  # fmt: skip
+    if not as_json:
+        from rich.table import Table
+
+        from memento.console import console
+
+        table = Table(title=f"replay of {replay} (budget {kv_budget_tokens or 'none'})")
+        for key in results[0]:
+            table.add_column(key, justify="left" if key == "mode" else "right", no_wrap=True)
+        for row in results:
+            table.add_row(*(str(v) for v in row.values()))
+        console().print(table)
+
+
+def _bench(replay, model, toy, modes, keep_last_n_blocks, mask_delimiters, kv_budget_tokens, max_batch_size,
+           repeat, dtype, device, as_json) -> list[dict]:  # fmt: skip
     from memento.engine import Engine
     from memento.masking import BlockMaskingConfig
+    from memento.user_errors import UsageError, check_count, check_model_dir
 
     if toy == (model is not None):
-        _fail("give exactly one of --model DIR or --toy")
+        raise UsageError("give exactly one of --model DIR or --toy")
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    if not mode_list:
+        raise UsageError("--modes is empty; give e.g. full,memento")
+    for m in mode_list:
+        _check_mode(m, "--modes")
+    if len(set(mode_list)) != len(mode_list):
+        raise UsageError(f"--modes {modes!r} names a mode twice")
+    check_count(repeat, "--repeat")
+    _check_engine_args(dtype, device, max_batch_size, kv_budget_tokens)
     masking = BlockMaskingConfig(keep_last_n_blocks=keep_last_n_blocks, mask_delimiters=mask_delimiters)
+    if model is not None:
+        check_model_dir(model)
+    specs = _replay_specs(replay)
     if toy:
         import torch
 
@@ -281,33 +451,35 @@ def bench(
         tokenizer = build_tokenizer()
         loaded = (build_tiny_model(tokenizer).to(getattr(torch, dtype)).to(device), tokenizer)
     results = []
-    for mode in [m.strip() for m in modes.split(",") if m.strip()]:
-        try:
-            if toy:
-                engine = Engine(
-                    loaded[0], loaded[1], mode=mode, masking=masking, kv_budget_tokens=kv_budget_tokens,
-                    max_batch_size=max_batch_size,
-                )  # fmt: skip
-            else:
-                engine = Engine.from_pretrained(
-                    model, mode=mode, masking=masking, dtype=dtype, device=device,
-                    kv_budget_tokens=kv_budget_tokens, max_batch_size=max_batch_size,
-                )  # fmt: skip
-        except (ValueError, FileNotFoundError, OSError) as exc:
-            _fail(str(exc))
-        prompts, outputs = load_replay(replay, engine)
+    for mode in mode_list:
+        if toy:
+            engine = Engine(
+                loaded[0], loaded[1], mode=mode, masking=masking, kv_budget_tokens=kv_budget_tokens,
+                max_batch_size=max_batch_size,
+            )  # fmt: skip
+        else:
+            engine = _load_engine(
+                model, mode=mode, masking=masking, dtype=dtype, device=device,
+                kv_budget_tokens=kv_budget_tokens, max_batch_size=max_batch_size,
+            )  # fmt: skip
+        prompts, outputs = tokenize_replay(specs, engine)
+        if mode == mode_list[0]:
+            names = [where for where, _, _ in specs]
+            lengths = [p + o for p, o in zip(prompts, outputs, strict=True)]
+            _position_warnings(engine, lengths, 0, names)
         prompts, outputs = prompts * repeat, outputs * repeat
         try:
             outs = engine.replay(prompts, outputs)
         except RuntimeError as exc:
-            _fail(str(exc))
+            raise ValueError(str(exc)) from None
         run = engine.last_run
+        seconds = max(run["seconds"], 1e-9)
         row = {
             "mode": mode,
             "requests": len(outs),
             "seconds": round(run["seconds"], 3),
             "generated_tokens": run["generated_tokens"],
-            "tokens_per_s": round(run["generated_tokens"] / run["seconds"], 1),
+            "tokens_per_s": round(run["generated_tokens"] / seconds, 1),
             "mean_peak_kv": round(sum(o.peak_kv for o in outs) / len(outs), 1),
             "mean_auc_kv": round(sum(o.auc_kv for o in outs) / len(outs), 1),
             "peak_total_kv": run["peak_total_kv"],
@@ -317,16 +489,7 @@ def bench(
         results.append(row)
         if as_json:
             typer.echo(json.dumps(row))
-    if not as_json:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"replay of {replay} (budget {kv_budget_tokens or 'none'})")
-        for key in results[0]:
-            table.add_column(key)
-        for row in results:
-            table.add_row(*(str(v) for v in row.values()))
-        Console(file=sys.stdout).print(table)
+    return results
 
 
 def register(app: typer.Typer) -> None:

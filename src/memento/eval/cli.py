@@ -83,9 +83,9 @@ _GENERATION_FLAGS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "kv
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
-    from click.core import ParameterSource
-
-    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    """Whether the user typed this option (rather than getting its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 def _flag(name: str) -> str:

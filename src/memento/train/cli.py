@@ -153,6 +153,9 @@ def register(app: typer.Typer) -> None:
 
 def main() -> None:
     """Stand-alone entry (`python -m memento.train`), e.g. for `accelerate launch -m memento.train`."""
+    from memento.console import plain_help_when_piped
+
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    plain_help_when_piped(app)
     app.command()(train_command)
     app()
