@@ -127,8 +127,9 @@ def test_cli_end_to_end_with_config_file(tiny_dir, data_path, tmp_path):
     args += ["--stage", "memento", "--mask-delimiters", "--batch-size", "2", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    summary = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+    summary = json.loads(result.stdout)  # --json: stdout is the JSON and nothing else (issue 19)
     assert summary["global_step"] == 3  # the flag overrode the file
+    assert "truncated 0, dropped 0" in result.stderr  # data counts shown even with progress off
     saved = json.loads((out / "memento_train.json").read_text())["config"]
     assert saved["masking"]["mask_delimiters"] is True and saved["lr"] == 1e-3
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()

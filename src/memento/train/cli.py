@@ -6,12 +6,20 @@ torch/transformers are imported inside the command to keep `memento --help` fast
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
+# flags that shape the Stage-2 mask (the parameter holding each): refused with --stage full
+MASKING_FLAGS = {
+    "--masking-config": "masking_config",
+    "--keep-last-n-blocks": "keep_last_n_blocks",
+    "--mask-delimiters": "mask_delimiters",
+}
 STAGE_HELP = "full = Stage 1 (causal attention); memento = Stage 2 (block mask, as the engine evicts)."
 
 
@@ -117,19 +125,27 @@ def train_command(
         "bf16": bf16,
         "progress": progress,
     }
-    try:
+    from memento.user_errors import reported
+
+    resume = f"checkpoints so far are in {output_dir}; rerun with --resume latest to continue"
+    with reported("train", resume=resume if output_dir else None):
         masking = parse_masking(masking_config) if masking_config else {}
         if keep_last_n_blocks is not None:
             masking["keep_last_n_blocks"] = keep_last_n_blocks
         if mask_delimiters is not None:
             masking["mask_delimiters"] = mask_delimiters
         cfg = build_config(config, flags, masking)
+        typed = {"masking_config": masking_config, "keep_last_n_blocks": keep_last_n_blocks,
+                 "mask_delimiters": mask_delimiters}  # fmt: skip
+        given = [flag for flag, name in MASKING_FLAGS.items() if typed[name] is not None]
+        if given and cfg.stage != "memento":
+            raise ValueError(f"{given[0]} shapes the Stage-2 mask and has no effect with --stage full; "
+                             "drop it or use --stage memento")  # fmt: skip
         from memento.train.sft import train
 
-        result = train(cfg)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        # Library chatter (the trainer's log dicts, progress) goes to stderr: stdout holds the result.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = train(cfg)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:

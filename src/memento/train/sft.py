@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -221,8 +222,10 @@ def prepare_model_and_tokenizer(model_dir: str, fmt: str = "memento", *, dtype: 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{model_dir}: cannot load a causal LM + tokenizer: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
+        raise ValueError(
+            f"--model {model_dir}: cannot load a causal LM + tokenizer ({type(exc).__name__}: {exc})"
+        ) from None
     added = False
     if fmt == "memento":
         rows = model.get_input_embeddings().num_embeddings  # also right when ZeRO-3 partitions weights
@@ -290,18 +293,22 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
     from memento.tokens import MarkerIds
     from memento.train.collator import MementoCollator
     from memento.train.data import tokenize_traces
+    from memento.user_errors import check_input_file, check_model_dir, check_output_dir
 
-    data_path = Path(cfg.data)
-    if not data_path.is_file():
-        raise ValueError(f"{data_path}: training data file not found")
+    # Everything a user can get wrong is checked before the (possibly long) model load.
+    check_model_dir(cfg.model, "--model")
+    check_output_dir(cfg.output_dir)
+    data_path = check_input_file(cfg.data, "--data")
     traces = read_traces(data_path)
     if not traces:
         raise ValueError(f"{data_path}: no traces in file (expected JSONL lines with problem/blocks/answer)")
+    resume_from = resolve_resume(cfg)
 
     cuda = torch.cuda.is_available()
     bf16 = (cuda and torch.cuda.is_bf16_supported()) if cfg.bf16 is None else cfg.bf16
     if bf16 and not cuda:
         raise ValueError("bf16 training needs a GPU here; leave bf16 unset on CPU (fp32)")
+    choose_attention(cfg, 0, cuda)  # refuses flex without CUDA before the model loads
     set_seed(cfg.seed)
     # Arguments first: under `accelerate launch` with ZeRO-3 they make from_pretrained shard at load.
     args = TrainingArguments(
@@ -375,17 +382,18 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
         attention=attention,
     )
     main = trainer.is_world_process_zero()
-    if main and cfg.progress:
+    if main:  # on stderr, and also with --no-progress: truncated/dropped counts change what is learned
         print(
-            f"[memento train] stage={cfg.stage} format={cfg.format} attention={attention} data: {stats.summary()}"
+            f"[memento train] stage={cfg.stage} format={cfg.format} attention={attention} data: {stats.summary()}",
+            file=sys.stderr,
         )
-    resume_from = resolve_resume(cfg)
-    if main and cfg.progress and cfg.resume:
-        print(
-            f"[memento train] resuming from {resume_from}"
-            if resume_from
-            else "[memento train] no checkpoint to resume; starting fresh"
-        )
+        if cfg.resume:
+            print(
+                f"[memento train] resuming from {resume_from}"
+                if resume_from
+                else "[memento train] no checkpoint to resume; starting fresh",
+                file=sys.stderr,
+            )
 
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)

