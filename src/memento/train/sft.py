@@ -296,12 +296,12 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
     from memento.user_errors import check_input_file, check_model_dir, check_output_dir
 
     # Everything a user can get wrong is checked before the (possibly long) model load.
-    check_model_dir(cfg.model, "--model")
-    check_output_dir(cfg.output_dir)
     data_path = check_input_file(cfg.data, "--data")
     traces = read_traces(data_path)
     if not traces:
         raise ValueError(f"{data_path}: no traces in file (expected JSONL lines with problem/blocks/answer)")
+    check_model_dir(cfg.model, "--model")
+    check_output_dir(cfg.output_dir)
     resume_from = resolve_resume(cfg)
 
     cuda = torch.cuda.is_available()
