@@ -41,8 +41,7 @@ def build(name: str, tokenizer, seed: int = 0, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, extra = ARCHITECTURES[name]
-    config = AutoConfig.for_model(
-        model_type,
+    values = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -56,8 +55,8 @@ def build(name: str, tokenizer, seed: int = 0, **overrides):
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         attn_implementation="sdpa",
-        **{**extra, **overrides},
     )
+    config = AutoConfig.for_model(model_type, **{**values, **extra, **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config).float().eval()

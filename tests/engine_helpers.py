@@ -94,11 +94,14 @@ def dense_logits(model, ids: list[int], markers: MarkerIds, config: BlockMasking
 
 @torch.no_grad()
 def restart_reference_logits(
-    model, ids: list[int], markers: MarkerIds, config: BlockMaskingConfig
+    model, ids: list[int], markers: MarkerIds, config: BlockMaskingConfig, *, sequential: bool = False
 ) -> torch.Tensor:
     """Restart mode's dense definition: one forward over a virtual sequence in which every
     recomputed token appears again (original position id), seeing only what was cached before
     its `recompute_from` plus the earlier copies; later tokens see the copies, not the originals.
+    Evictions that share a trigger are applied together, then everything from the earliest of
+    their recompute points is recomputed once (docs/masking.md; `sequential=True` is the other
+    reading, one eviction after the other, kept only to show that the choice matters).
     Returns, per logical position, the logits of the entry computed when that position was first
     consumed (what the next token is sampled from; recomputed copies only serve as keys)."""
     tracker = BlockTracker(markers, config)
@@ -116,14 +119,21 @@ def restart_reference_logits(
         live.append(v)
         first_entry.setdefault(p, v)
 
+    def recompute(start: int) -> None:
+        redo = [positions[v] for v in live if positions[v] >= start]
+        live[:] = [v for v in live if positions[v] < start]
+        for q in redo:
+            add(q)
+
     for p, t in enumerate(ids):
-        for ev in tracker.feed(t):
+        evs = tracker.feed(t)
+        for ev in evs:
             live[:] = [v for v in live if not ev.start <= positions[v] < ev.end]
-            if ev.recompute_from is not None:
-                redo = [positions[v] for v in live if positions[v] >= ev.recompute_from]
-                live[:] = [v for v in live if positions[v] < ev.recompute_from]
-                for q in redo:
-                    add(q)
+            if sequential and ev.recompute_from is not None:
+                recompute(ev.recompute_from)
+        starts = [ev.recompute_from for ev in evs if ev.recompute_from is not None]
+        if starts and not sequential:
+            recompute(min(starts))
         add(p)
     n = len(tokens)
     mask = torch.zeros(n, n, dtype=torch.bool)

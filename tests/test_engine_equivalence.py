@@ -286,3 +286,40 @@ def test_direct_forward_other_llama_family(arch, toy_tokenizer, markers, words):
     engine = Engine(other, toy_tokenizer, masking=masking, max_batch_size=4, prefill_chunk_tokens=9)
     assert engine.runner.direct is not None
     _check(engine, other, pairs, markers, masking)
+
+
+def test_restart_two_evictions_at_one_trigger(model, toy_tokenizer, markers, words):
+    """Regression (review bug 5): two restart evictions that share a trigger (the next
+    `<|block_start|>` flushes two pending blocks) are applied together, then everything from the
+    earliest recompute point is recomputed once (docs/masking.md). The engine and its oracle agree
+    on that definition; the one-after-the-other reading gives different logits, so it matters."""
+    rng = random.Random(6)
+    m = markers
+    w = lambda k: rng.choices(words, k=k)  # noqa: E731
+    # block 0 unsummarised, block 1, then two summaries: the first belongs to block 1, the second to 0
+    out = [m.block_start, *w(3), m.block_end, m.block_start, *w(3), m.block_end]
+    out += [m.summary_start, *w(2), m.summary_end, m.summary_start, *w(2), m.summary_end, *w(1)]
+    out += [m.block_start, *w(2), m.block_end, m.summary_start, *w(1), m.summary_end, *w(3)]
+    prompt = header(toy_tokenizer, "two at once")
+    config = BlockMaskingConfig(restart_mode=True, keep_last_block_for_answer=True)
+    ids = prompt + out
+    evs = evictions(ids, markers, config)
+    assert len(evs) >= 2 and evs[0].trigger == evs[1].trigger
+    assert evs[0].recompute_from != evs[1].recompute_from
+    engine = Engine(model, toy_tokenizer, mode="restart", masking=config)
+    _check(engine, model, [(prompt, out)], markers, config, reference=restart_reference_logits)
+    together = restart_reference_logits(model, ids, markers, config)
+    one_by_one = restart_reference_logits(model, ids, markers, config, sequential=True)
+    assert (together - one_by_one).abs().max() > 1e-2
+
+
+def test_hf_path_uses_the_current_cache_convention(model, toy_tokenizer, markers, words):
+    """Regression (review bug 1): on transformers 5.24 the HF path crashed in `cache.update(...,
+    kwargs=...)` and passed the deprecated `past_key_values=`. It runs, and warns about nothing."""
+    import warnings
+
+    pairs = _streams(toy_tokenizer, markers, words, seed=12, count=1)
+    engine = Engine(model, toy_tokenizer, direct_forward=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a FutureWarning for `past_key_values` would fail here
+        engine.replay([p for p, _ in pairs], [o for _, o in pairs])

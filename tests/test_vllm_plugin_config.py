@@ -205,3 +205,34 @@ def test_cli_dry_run_rejects_unknown_option():
     )
     assert result.exit_code == 2  # one line, no traceback (issue 19)
     assert "unknown memento option" in result.stderr and "Traceback" not in result.output
+
+
+def test_request_options_may_come_as_a_json_string():
+    """`vllm_xargs` carries flat values only, so over HTTP the per-request options are a JSON
+    object string; bad JSON and unknown keys are errors that name the problem."""
+    base = BlockMaskingConfig()
+    as_dict = request_masking(base, {CONFIG_KEY: {"keep_last_n_blocks": 1}})
+    assert request_masking(base, {CONFIG_KEY: '{"keep_last_n_blocks": 1}'}) == as_dict
+    with pytest.raises(ValueError, match="not valid JSON"):
+        request_masking(base, {CONFIG_KEY: "{keep: 1"})
+    with pytest.raises(ValueError, match="keep_last_n_block"):
+        request_masking(base, {CONFIG_KEY: '{"keep_last_n_block": 1}'})
+
+
+@pytest.mark.parametrize("name", ["olmo3", "gemma3", "mistral-sliding", "qwen2-sliding"])
+def test_plugin_refuses_sliding_window_models(name, toy_tokenizer):
+    """vLLM applies sliding windows to physical KV slots, which compaction shifts: the plugin
+    refuses every model with a sliding-window layer (the check runs before vLLM loads weights)."""
+    from architectures import build
+    from memento.integrations.vllm.config import check_model
+
+    with pytest.raises(ValueError, match="sliding-window attention layers"):
+        check_model(build(name, toy_tokenizer).config)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama", "phi3"])
+def test_plugin_accepts_full_attention_models(name, toy_tokenizer):
+    from architectures import build
+    from memento.integrations.vllm.config import check_model
+
+    check_model(build(name, toy_tokenizer).config)

@@ -59,15 +59,20 @@ class HFReference:
 
     def _restart_logprobs(self, ids: list[int], evs: list[Eviction]) -> torch.Tensor:
         """Restart: a query at q sees every eviction triggered <= q applied from its recompute
-        point on (the recomputed KV never saw the block); later evictions not at all."""
+        point on (the recomputed KV never saw the block); later evictions not at all. Evictions
+        sharing a trigger are one restart from the earliest of their recompute points."""
         n = len(ids)
         causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
         out = self._logprobs(ids, causal)
-        for i, ev in enumerate(evs):
+        triggers = sorted({ev.trigger for ev in evs})
+        for i, trigger in enumerate(triggers):
             allowed = causal.clone()
-            for prior in evs[: i + 1]:
-                allowed[prior.recompute_from :, prior.start : prior.end] = False
+            for t in triggers[: i + 1]:
+                group = [ev for ev in evs if ev.trigger == t]
+                start = min(ev.recompute_from for ev in group)
+                for ev in group:
+                    allowed[start:, ev.start : ev.end] = False
             rows = self._logprobs(ids, allowed)
-            upto = evs[i + 1].trigger if i + 1 < len(evs) else n
-            out[ev.trigger : upto] = rows[ev.trigger : upto]
+            upto = triggers[i + 1] if i + 1 < len(triggers) else n
+            out[trigger:upto] = rows[trigger:upto]
         return out

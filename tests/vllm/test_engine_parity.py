@@ -16,116 +16,20 @@ if not HAVE_VLLM:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
 import torch  # noqa: E402
+from _parity import THREE_BLOCKS, assert_same, block_script, header, make_llm, run_ours, run_vllm  # noqa: E402
 from _toy import HFReference  # noqa: E402
 
-from memento.integrations.vllm import CPU_WORKER_CLS, SCHEDULER_CLS  # noqa: E402
-from memento.integrations.vllm.logits import FORCE_KEY  # noqa: E402
 from memento.masking import BlockMaskingConfig, evictions  # noqa: E402
-from memento.tokens import MarkerIds  # noqa: E402
 
 TOL = 1e-4
-# (block start, block end, summary end) as output indices; ~40-token blocks free whole KV blocks.
-THREE_BLOCKS = [(1, 40, 44), (46, 85, 89), (91, 110, 113)]
 
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
     """One engine for the module (a second `LLM` in one process breaks the first)."""
-    from vllm import LLM
-
-    engine = LLM(
-        model=str(model_dir),
-        dtype="float32",
-        block_size=32,
-        enable_prefix_caching=False,
-        enforce_eager=True,
-        max_model_len=512,
-        max_num_seqs=8,
-        seed=0,
-        scheduler_cls=SCHEDULER_CLS,
-        worker_cls=CPU_WORKER_CLS,
-        logits_processors=["memento.integrations.vllm.logits:ForcedTokensProcessor"],
-        additional_config={"memento": {"keep_last_n_blocks": 0, "debug": True}},
-        kv_cache_memory_bytes=16 << 20,
-    )
+    engine = make_llm(model_dir)
     yield engine
     del engine
-
-
-def header(tokenizer, question: str = "Compute 47 + 38 step by step.") -> list[int]:
-    text = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n<think>\n"
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def block_script(m: MarkerIds, blocks: list[tuple[int, int, int]]) -> dict[int, int]:
-    """Force BS at b, BE at e, SS at e+1 and SE at s (output indices)."""
-    script: dict[int, int] = {}
-    for b, e, s in blocks:
-        script.update({b: m.block_start, e: m.block_end, e + 1: m.summary_start, s: m.summary_end})
-    return script
-
-
-def run_vllm(llm, requests: list[tuple[list[int], dict, dict[int, int], int]]):
-    """requests: (prompt ids, per-request memento overrides, forced script, max_tokens)."""
-    from vllm import SamplingParams
-
-    params = [
-        SamplingParams(
-            temperature=0.0,
-            max_tokens=n,
-            ignore_eos=True,
-            logprobs=1,
-            extra_args={"memento": o, FORCE_KEY: {str(k): v for k, v in s.items()}},
-        )
-        for _, o, s, n in requests
-    ]
-    outs = llm.generate([{"prompt_token_ids": p} for p, *_ in requests], params, use_tqdm=False)
-    return [o.outputs[0] for o in outs]
-
-
-class ForceAndRecord:
-    """Our engine's logits hook: record the logits each token was sampled from, then force the
-    scripted token (everything else -inf), like vLLM's `ForcedTokensProcessor`."""
-
-    def __init__(self, scripts: list[dict[int, int]]) -> None:
-        self.scripts = scripts
-        self.logits: dict[int, dict[int, torch.Tensor]] = {}
-
-    def __call__(self, seq, logits: torch.Tensor) -> torch.Tensor:
-        index = len(seq.output_ids)
-        self.logits.setdefault(seq.prompt_index, {})[index] = logits.detach().float().clone()
-        token = self.scripts[seq.prompt_index].get(index)
-        if token is None:
-            return logits
-        forced = torch.full_like(logits, float("-inf"))
-        forced[token] = 0.0
-        return forced
-
-
-def run_ours(model_dir, mode: str, masking: BlockMaskingConfig, requests):
-    """The same requests through `memento.engine.Engine` (greedy, EOS ignored like vLLM's
-    `ignore_eos`); returns (outputs, per-request {output index: logits})."""
-    from memento.engine import Engine, SamplingParams
-
-    hook = ForceAndRecord([s for _, _, s, _ in requests])
-    engine = Engine.from_pretrained(model_dir, mode=mode, masking=masking, logits_hook=hook)
-    engine.stop_ids = set()
-    outs = engine.generate(
-        [p for p, *_ in requests], [SamplingParams(temperature=0, max_new_tokens=n) for *_, n in requests]
-    )
-    return outs, [hook.logits[i] for i in range(len(requests))]
-
-
-def assert_same(vllm_out, ours, our_logits, script, name):
-    """Identical ids; log-prob of each sampled (non-forced) token within TOL."""
-    got = list(vllm_out.token_ids)
-    assert got == list(ours.output_ids), f"{name}: vLLM {got} vs engine {list(ours.output_ids)}"
-    for i, token in enumerate(got):
-        if i in script:
-            continue
-        ref = torch.log_softmax(our_logits[i], dim=-1)[token].item()
-        lp = vllm_out.logprobs[i][token].logprob
-        assert abs(lp - ref) <= TOL, (name, i, lp, ref)
 
 
 CASES = {
@@ -209,3 +113,76 @@ def test_several_evictions_in_one_step(llm, tokenizer, markers, model_dir):
             assert abs(batched[k].logprobs[i][token].logprob - lp[len(prompt) - 1 + i, token].item()) <= TOL
             if i not in s:
                 assert int(lp[len(prompt) - 1 + i].argmax()) == token, (k, i)
+
+
+def test_restart_two_evictions_at_one_trigger(llm, model_dir, tokenizer, markers):
+    """Regression (review bug 3): with `keep_last_block_for_answer`, the next `<|block_start|>`
+    flushes two pending blocks at once; in restart mode the plugin kept the later summary start as
+    the rewind point while the KV was cut at the earlier one (stale KV read). It now rewinds to the
+    earliest, like our engine (docs/masking.md): same tokens, same log-probs, same as the HF
+    reference."""
+    m = markers
+    # block 0, block 1, then two summaries (block 1's, then block 0's), then a new block; every
+    # other token is forced text too, so the random model cannot add markers of its own
+    words = tokenizer.encode(" one two three four five six seven", add_special_tokens=False)
+    script = {i: words[i % len(words)] for i in range(46)}
+    script |= {1: m.block_start, 8: m.block_end, 10: m.block_start, 17: m.block_end}
+    script |= {18: m.summary_start, 22: m.summary_end, 23: m.summary_start, 27: m.summary_end}
+    script |= {29: m.block_start, 36: m.block_end, 37: m.summary_start, 40: m.summary_end}
+    masking = BlockMaskingConfig(keep_last_block_for_answer=True)
+    overrides = {"restart_mode": True, "keep_last_block_for_answer": True}
+    requests = [(header(tokenizer), overrides, script, 46)]
+    (vout,) = run_vllm(llm, requests)
+    (ours,), (logits,) = run_ours(model_dir, "restart", masking, requests)
+    triggers = [e.trigger for e in ours.evictions]
+    assert len(triggers) > len(set(triggers)), ours.evictions  # two evictions share a trigger
+    assert list(vout.token_ids) == list(ours.output_ids)
+    for i, token in enumerate(vout.token_ids):  # every token forced: compare the raw log-probs
+        ref = torch.log_softmax(logits[i], dim=-1)[token].item()
+        assert abs(vout.logprobs[i][token].logprob - ref) <= TOL, (i, vout.logprobs[i][token].logprob, ref)
+    ids = requests[0][0] + list(vout.token_ids)
+    restart = BlockMaskingConfig(restart_mode=True, keep_last_block_for_answer=True)
+    lp = HFReference(model_dir, markers).logprobs(ids, restart)
+    n = len(requests[0][0])
+    for i, token in enumerate(vout.token_ids):
+        assert abs(vout.logprobs[i][token].logprob - lp[n - 1 + i, token].item()) <= TOL, i
+
+
+def test_bad_request_options_are_refused_and_the_engine_keeps_serving(llm, tokenizer):
+    """Regression (review bug 4): a request with bad MEMENTO options raised *after* vLLM queued it,
+    so it stayed in `waiting` and took the engine down with the next request. It is refused at
+    admission (`VLLMValidationError`, HTTP 400 in the server), nothing is queued, the next request runs;
+    options may also come as a JSON string (what `vllm_xargs` can carry over HTTP)."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError  # what the server turns into HTTP 400
+
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    prompt = [{"prompt_token_ids": header(tokenizer)}]
+    for bad in ({"keep_last_n_block": 1}, {"keep_last_n_blocks": -5}, "{not json"):
+        with pytest.raises(VLLMValidationError, match="keep_last_n_block|JSON"):
+            llm.generate(prompt, SamplingParams(max_tokens=3, extra_args={"memento": bad}), use_tqdm=False)
+        assert not sched.waiting and not sched.running
+    good = SamplingParams(max_tokens=3, ignore_eos=True, extra_args={"memento": '{"keep_last_n_blocks": 1}'})
+    (out,) = llm.generate(prompt, good, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 3
+
+
+def test_scheduler_validates_before_queueing():
+    """The scheduler's own guard (for callers that bypass the front end's check): a bad request
+    raises before vLLM's `add_request`, so nothing is left in `waiting`."""
+    from types import SimpleNamespace
+
+    from memento.integrations.vllm.config import MementoVllmConfig
+    from memento.integrations.vllm.scheduler import MementoSchedulerMixin
+
+    class Queue:
+        def add_request(self, request):
+            self.waiting.append(request)
+
+    sched = object.__new__(type("S", (MementoSchedulerMixin, Queue), {}))
+    sched.waiting, sched._mstates = [], {}
+    sched.memento_config = MementoVllmConfig.from_dict({})
+    bad = SimpleNamespace(request_id="r1", sampling_params=SimpleNamespace(extra_args={"memento": {"x": 1}}))
+    with pytest.raises(ValueError, match="unknown per-request memento option"):
+        sched.add_request(bad)
+    assert sched.waiting == []

@@ -7,6 +7,7 @@ switch and the marker tokens) and refuses unknown keys, as the masking config do
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -99,12 +100,19 @@ def _int_or_none(text: str) -> int | None:
 
 def request_masking(base: BlockMaskingConfig, extra_args: dict[str, Any] | None) -> BlockMaskingConfig:
     """Per-request config: `SamplingParams(extra_args={"memento": {...}})` overrides masking keys.
+    Over HTTP, `vllm_xargs` holds flat values only, so the options may also come as a JSON object
+    string: `"vllm_xargs": {"memento": "{\"keep_last_n_blocks\": 1}"}`.
 
     Only `BlockMaskingConfig` fields may be overridden; anything else is an error naming the key.
     """
     override = (extra_args or {}).get(CONFIG_KEY)
     if not override:
         return base
+    if isinstance(override, str):
+        try:
+            override = json.loads(override)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"extra_args['memento'] is not valid JSON ({exc}): {override!r}") from exc
     if not isinstance(override, dict):
         raise ValueError(f"extra_args['memento'] must be a dict of block-masking options, got {override!r}")
     bad = sorted(set(override) - _MASKING_KEYS)
@@ -128,3 +136,23 @@ def load_markers(config: MementoVllmConfig, vllm_config: Any) -> MarkerIds:
             model_config.tokenizer, trust_remote_code=model_config.trust_remote_code
         )
     return config.resolve_markers(tokenizer)
+
+
+def check_model(hf_config: Any) -> None:
+    """Refuse, before any weight is loaded, a model the plugin cannot run exactly: layer types
+    without per-token KV (`memento.hf.check_model`), and sliding-window layers, whose window vLLM's
+    kernels and KV manager apply to physical slots: after compaction those are no longer original
+    positions, so the window would silently reach further back than the model was trained with."""
+    from memento.hf import check_model as check_for_memento
+
+    windows = check_for_memento(hf_config)
+    sliding = [i for i, w in enumerate(windows) if w is not None]
+    if sliding:
+        name = getattr(hf_config, "model_type", type(hf_config).__name__)
+        raise ValueError(
+            f"memento: {name} has sliding-window attention layers (window {windows[sliding[0]]} on "
+            f"{len(sliding)} of {len(windows)} layers). vLLM applies windows to physical KV slots, "
+            "which MEMENTO's compaction shifts, so the plugin cannot keep the window in original "
+            "positions and refuses this model; use memento's own engine (memento generate / "
+            "memento serve), which does"
+        )

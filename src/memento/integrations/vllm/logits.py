@@ -12,7 +12,7 @@ import torch
 
 from memento.integrations.vllm import version
 from memento.integrations.vllm.config import MementoVllmConfig, load_markers, request_masking
-from memento.masking import BlockLengthCap
+from memento.masking import BlockLengthCap, BlockMaskingConfig
 
 version.check(hooks=False)
 
@@ -76,6 +76,12 @@ class BlockLengthCapProcessor(_RowProcessor):
         super().__init__(vllm_config, device, is_pin_memory)
         self.config = MementoVllmConfig.from_vllm_config(vllm_config)
         self.markers = load_markers(self.config, vllm_config) if self.config.enable else None
+
+    @classmethod
+    def validate_params(cls, sampling_params: Any) -> None:
+        """Per-request MEMENTO options are checked in the front end, at admission: a bad option
+        is a `ValueError` there (HTTP 400 from the server) and never reaches the engine core."""
+        request_masking(BlockMaskingConfig(), getattr(sampling_params, "extra_args", None))
 
     def new_row(self, params: Any, prompt_ids: list[int] | None, output_ids: list[int]) -> _CapRow | None:
         if self.markers is None:

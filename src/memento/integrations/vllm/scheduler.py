@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from memento.integrations.vllm import version
-from memento.integrations.vllm.config import MementoVllmConfig, load_markers, request_masking
+from memento.integrations.vllm.config import MementoVllmConfig, check_model, load_markers, request_masking
 from memento.kv import paged_blocks
 from memento.masking import BlockMaskingConfig, BlockTracker, Eviction, SpanSet
 
@@ -105,13 +105,16 @@ class MementoSchedulerMixin:
     # -- vLLM hooks ---------------------------------------------------------------------------------
 
     def add_request(self, request: Any) -> None:
-        super().add_request(request)
         if not self.memento_config.enable or request.request_id in self._mstates:
-            return
+            return super().add_request(request)
+        # Validate before vLLM queues the request: a request that fails here must not stay in
+        # `waiting` (the logits processor would meet it later and take the engine down). The
+        # front end already refused it with a 400 (`BlockLengthCapProcessor.validate_params`).
         params = request.sampling_params
         cfg = request_masking(self.memento_config.masking, getattr(params, "extra_args", None))
         if cfg.restart_mode and self._is_async():
             raise ValueError("memento: restart_mode needs synchronous scheduling (async_scheduling=False)")
+        super().add_request(request)
         state = _RequestState(cfg, BlockTracker(self.memento_markers, cfg))
         self._mstates[request.request_id] = state
         self._catch_up(request, state)
@@ -204,6 +207,7 @@ class MementoSchedulerMixin:
         c_logical = request.num_computed_tokens
         n_old = c_logical - state.removed
         src = np.arange(n_old, dtype=np.int64)  # original physical index of each slot
+        rewind: int | None = None
         for ev in sorted(ready, key=lambda e: e.trigger):
             state.pending.remove(ev)
             ps = state.applied.logical_to_physical(ev.start)
@@ -213,8 +217,12 @@ class MementoSchedulerMixin:
             if ev.recompute_from is not None:  # restart: recompute [recompute_from, trigger]
                 keep = state.applied.logical_to_physical(ev.recompute_from)
                 src = src[:keep]
-                request.num_computed_tokens = ev.recompute_from
+                # several restarts at once: recompute from the earliest point, where the KV was
+                # cut (docs/masking.md, "Restart mode")
+                rewind = ev.recompute_from if rewind is None else min(rewind, ev.recompute_from)
             self._debug("evict", request, span=(ev.start, ev.end), trigger=ev.trigger, C=c_logical)
+        if rewind is not None:
+            request.num_computed_tokens = rewind
         n_new = len(src)
         blocks = self._single_manager.req_to_blocks[rid]
         block_ids = [b.block_id for b in blocks]
@@ -298,9 +306,18 @@ def _validate_engine(scheduler: Any) -> None:
             "and compaction rewrites blocks in place); pass enable_prefix_caching=False / "
             "--no-enable-prefix-caching"
         )
+    check_model(cfg.model_config.hf_config)
     groups = scheduler.kv_cache_config.kv_cache_groups
-    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
-        raise ValueError("memento: only models with one full-attention KV cache group are supported")
+    spec = groups[0].kv_cache_spec if len(groups) == 1 else None
+    if (
+        not isinstance(spec, FullAttentionSpec)
+        or getattr(spec, "sliding_window", None) is not None
+        or getattr(spec, "attention_chunk_size", None) is not None
+    ):
+        raise ValueError(
+            "memento: only models whose every layer is full attention (one KV cache group, no sliding "
+            f"window or chunked attention) are supported; got {[g.kv_cache_spec for g in groups]}"
+        )
     if cfg.speculative_config is not None:
         raise ValueError("memento: speculative decoding is not supported with block masking")
     if not cfg.scheduler_config.enable_chunked_prefill:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from memento.integrations.vllm import version
-from memento.integrations.vllm.config import MementoVllmConfig
+from memento.integrations.vllm.config import MementoVllmConfig, check_model
 from memento.integrations.vllm.kv_copy import KVMover
 from memento.integrations.vllm.scheduler import PAYLOAD_ATTR
 
@@ -109,6 +109,7 @@ def install(worker: Any) -> None:
     config = MementoVllmConfig.from_vllm_config(worker.vllm_config)
     if not config.enable:
         return
+    check_model(worker.vllm_config.model_config.hf_config)  # before any weight is loaded
     runner = worker.model_runner
     if not isinstance(runner, GPUModelRunner):
         raise RuntimeError(
