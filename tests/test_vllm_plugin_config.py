@@ -236,3 +236,43 @@ def test_plugin_accepts_full_attention_models(name, toy_tokenizer):
     from memento.integrations.vllm.config import check_model
 
     check_model(build(name, toy_tokenizer).config)
+
+
+def test_cpu_kv_space_is_sized_explicitly(monkeypatch, toy_model_dir):
+    """vLLM's CPU default (92% of the machine) does not start on a shared machine: on CPU the
+    command always carries an explicit KV size: room for 16 full-length sequences of the model,
+    capped by the free memory, unless given."""
+    from memento.integrations.vllm import serve
+
+    monkeypatch.setattr(serve, "available_memory_bytes", lambda: 8 * serve.GIB)
+    size, note = serve.kv_cache_bytes(None, [], "cpu")  # model unknown: the cap
+    assert size == 2 * serve.GIB and "25% of 8.0 GiB free" in note
+    # the toy model: 4 layers x K,V x 2 heads x 32 dims x 4 bytes = 2 KiB per token, 4096 tokens
+    size, note = serve.kv_cache_bytes(None, [], "cpu", str(toy_model_dir))
+    assert size == 16 * 4096 * 2048 and "16 sequences of 4096 tokens" in note
+    size, _ = serve.kv_cache_bytes(None, ["--max-model-len", "1024"], "cpu", str(toy_model_dir))
+    assert size == 16 * 1024 * 2048
+    monkeypatch.setattr(serve, "available_memory_bytes", lambda: 64 * serve.GIB)
+    assert serve.kv_cache_bytes(None, [], "cpu")[0] == 4 * serve.GIB  # capped
+    assert serve.kv_cache_bytes(1.5, [], "cpu") == (
+        int(1.5 * serve.GIB),
+        "KV cache 1.50 GiB (--kv-cache-gib)",
+    )
+    assert serve.kv_cache_bytes(None, ["--gpu-memory-utilization", "0.3"], "cpu")[0] is None
+    assert serve.kv_cache_bytes(None, ["--kv-cache-memory-bytes=100"], "cpu")[0] is None
+    assert serve.kv_cache_bytes(None, [], "cuda")[0] is None
+    cmd = build_command("/m", python="/py", kv_bytes=123)
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == "123"
+
+
+def test_cli_dry_run_sizes_kv_and_refuses_sliding_models(toy_tokenizer, tmp_path):
+    from architectures import save
+
+    ok = save("qwen3", toy_tokenizer, tmp_path / "qwen3")
+    result = CliRunner().invoke(_app(), ["vllm-serve", str(ok), "--python", "/py", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "--kv-cache-memory-bytes" in shlex.split(result.output.strip().splitlines()[-1])
+    olmo = save("olmo3", toy_tokenizer, tmp_path / "olmo3")
+    result = CliRunner().invoke(_app(), ["vllm-serve", str(olmo), "--python", "/py", "--dry-run"])
+    assert result.exit_code == 2 and "sliding-window attention layers" in result.stderr
+    assert "Traceback" not in result.output

@@ -153,8 +153,9 @@ def test_bad_request_options_are_refused_and_the_engine_keeps_serving(llm, token
     so it stayed in `waiting` and took the engine down with the next request. It is refused at
     admission (`VLLMValidationError`, HTTP 400 in the server), nothing is queued, the next request runs;
     options may also come as a JSON string (what `vllm_xargs` can carry over HTTP)."""
-    from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError  # what the server turns into HTTP 400
+
+    from vllm import SamplingParams
 
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     prompt = [{"prompt_token_ids": header(tokenizer)}]

@@ -138,17 +138,24 @@ def load_markers(config: MementoVllmConfig, vllm_config: Any) -> MarkerIds:
     return config.resolve_markers(tokenizer)
 
 
-def check_model(hf_config: Any) -> None:
-    """Refuse, before any weight is loaded, a model the plugin cannot run exactly: layer types
-    without per-token KV (`memento.hf.check_model`), and sliding-window layers, whose window vLLM's
-    kernels and KV manager apply to physical slots: after compaction those are no longer original
-    positions, so the window would silently reach further back than the model was trained with."""
-    from memento.hf import check_model as check_for_memento
+def check_model(config: Any) -> None:
+    """Refuse, before any weight is loaded, a model the plugin cannot run exactly (`config`: the
+    model's HF config object or its config.json as a dict): layer types without per-token KV,
+    soft-capped attention, and sliding-window layers, whose window vLLM's kernels and KV manager
+    apply to physical slots: after compaction those are no longer original positions, so the
+    window would silently reach further back than the model was trained with."""
+    from memento.kv import layer_windows
 
-    windows = check_for_memento(hf_config)
+    values = config if isinstance(config, dict) else _text_values(config)
+    name = values.get("model_type", "this model")
+    try:
+        windows = layer_windows(values)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"memento: {name}: {exc}") from exc
+    if values.get("attn_logit_softcapping"):
+        raise ValueError(f"memento: {name}: soft-capped attention is not supported by block masking")
     sliding = [i for i, w in enumerate(windows) if w is not None]
     if sliding:
-        name = getattr(hf_config, "model_type", type(hf_config).__name__)
         raise ValueError(
             f"memento: {name} has sliding-window attention layers (window {windows[sliding[0]]} on "
             f"{len(sliding)} of {len(windows)} layers). vLLM applies windows to physical KV slots, "
@@ -156,3 +163,8 @@ def check_model(hf_config: Any) -> None:
             "positions and refuses this model; use memento's own engine (memento generate / "
             "memento serve), which does"
         )
+
+
+def _text_values(config: Any) -> dict[str, Any]:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text.to_dict()
