@@ -9,7 +9,7 @@ mask_delimiters, restart) and Stage-2 training:
   model itself (restart: its virtual-sequence definition), ≤1e-4 in fp32;
 * the Stage-2 training loss (collator + memento's attention) equals the engine's replay NLL.
 
-The vLLM plugin's column of the matrix is tests/vllm/test_architectures.py."""
+The vLLM plugin's column of the matrix is tests/vllm/test_vllm_architectures.py."""
 
 from __future__ import annotations
 
