@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from memento.annotate.llm import EndpointUnreachable, LLMCallFailed, LLMClient, LLMConfig, parse_json_object
-from memento.annotate.mementos import COMPRESS_SYSTEM, JUDGE_SYSTEM, MementoConfig, llm_memento
+from memento.annotate.mementos import (
+    COMPRESS_SYSTEM,
+    COMPRESS_TRACE_SYSTEM,
+    JUDGE_SYSTEM,
+    MementoConfig,
+    llm_memento,
+    llm_mementos,
+)
 from memento.annotate.runner import AnnotateConfig, run
 from memento.annotate.scoring import SCORING_SYSTEM, ScoringConfig, llm_scores, validate_scores
 from memento.annotate.sentences import RegexTokenCounter
@@ -58,9 +65,13 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 system = body["messages"][0]["content"]
                 user = body["messages"][-1]["content"]
-                role = {SCORING_SYSTEM: "score", COMPRESS_SYSTEM: "compress", JUDGE_SYSTEM: "judge"}.get(
-                    system, "?"
-                )
+                roles = {
+                    SCORING_SYSTEM: "score",
+                    COMPRESS_SYSTEM: "compress",
+                    COMPRESS_TRACE_SYSTEM: "compress_trace",
+                    JUDGE_SYSTEM: "judge",
+                }
+                role = roles.get(system, "?")
                 if role == "compress" and "A reviewer found" in user:
                     role = "refine"
                 with fake.lock:
@@ -111,6 +122,9 @@ class FakeOpenAI:
             return "```json\n" + json.dumps({"scores": [value] * count}) + "\n```"
         if role == "compress":
             return json.dumps({"memento": "x = 1; method: substitution"})
+        if role == "compress_trace":
+            count = len(re.findall(r"^=== Block \d+ ===$", user, re.MULTILINE))
+            return json.dumps({"mementos": [f"x = {i}; method: substitution" for i in range(count)]})
         if role == "refine":
             return json.dumps({"memento": "refined: x = 1, y = 2; method: substitution"})
         if role == "judge":
@@ -166,7 +180,20 @@ def test_scoring_two_pass_windows_and_fenced_json(fake):
     res = _run(go())
     assert res.scores == [2.0] * 29 and not res.failures
     assert fake.roles().count("score") == 2 + 3  # ceil(29/16) + ceil(29/11)
-    assert all("Find x." in u for r, u in fake.requests)  # the problem statement is sent
+    assert not any("Find x." in u for r, u in fake.requests)  # as the original: no problem statement
+
+
+def test_scoring_sends_the_problem_only_when_asked(fake):
+    async def go():
+        client = _client(fake)
+        try:
+            cfg = ScoringConfig(two_pass=False, include_problem=True)
+            return await llm_scores(client, "Find x.", SENTENCES[:5], cfg)
+        finally:
+            await client.close()
+
+    assert _run(go()).scores == [2.0] * 4
+    assert [u.startswith("Problem being solved:\nFind x.") for _, u in fake.requests] == [True]
 
 
 def test_scoring_retries_500_timeout_malformed_then_succeeds(fake):
@@ -228,6 +255,46 @@ def test_memento_loop_keeps_best_and_refines_with_feedback(fake):
     assert res.memento.startswith("refined") and res.score == 9.0
     refine_prompt = fake.requests[2][1]
     assert "add y = 2" in refine_prompt and "value of y" in refine_prompt
+
+
+def test_trace_compressor_writes_every_memento_in_one_call(fake):
+    blocks = ["We set x + 1 = 2.", "So x = 1; check: 1 + 1 = 2.", "The answer is 1."]
+
+    async def go(cfg):
+        client = _client(fake)
+        try:
+            return await llm_mementos(client, "Find x.", blocks, cfg)
+        finally:
+            await client.close()
+
+    results = _run(go(MementoConfig(max_iterations=1)))
+    assert fake.roles().count("compress_trace") == 1 and "compress" not in fake.roles()
+    trace_prompt = next(u for r, u in fake.requests if r == "compress_trace")
+    assert all(b in trace_prompt for b in blocks) and "Find x." in trace_prompt
+    assert [r.memento for r in results] == [f"x = {i}; method: substitution" for i in range(3)]
+    assert fake.roles().count("judge") == 3 and all(r.compress == "trace" for r in results)
+    assert [r.first_score for r in results] == [5.0] * 3
+
+    fake.requests.clear()  # one call per block when asked
+    results = _run(go(MementoConfig(max_iterations=1, compress="block")))
+    assert fake.roles().count("compress") == 3 and "compress_trace" not in fake.roles()
+
+
+def test_trace_compressor_with_the_wrong_count_fails_every_block(fake):
+    fake.plan = lambda role, user, n: (
+        json.dumps({"mementos": ["only one"]}) if role == "compress_trace" else None
+    )
+
+    async def go():
+        client = _client(fake, max_attempts=2)
+        try:
+            return await llm_mementos(client, "p", ["block a", "block b"], MementoConfig())
+        finally:
+            await client.close()
+
+    results = _run(go())
+    assert fake.roles() == ["compress_trace", "compress_trace"]  # retried, then given up
+    assert all(r.memento is None and "expected 2 mementos" in r.failures[0] for r in results)
 
 
 def test_best_memento_kept_when_refinement_is_worse(fake):

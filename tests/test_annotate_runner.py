@@ -43,7 +43,45 @@ def test_split_thinking_variants():
     sky = "<|begin_of_thought|>\n\nx\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\nThe answer is 5.\n\n<|end_of_solution|>"
     assert split_thinking(sky) == ("\n\nx\n\n", "The answer is 5.", True)
     assert split_thinking("<think>never closed")[2] is False
-    assert split_thinking("no tags at all") == ("no tags at all", "", False)
+    assert split_thinking("no tags at all") == ("no tags at all", "", True)
+
+
+def test_plain_reasoning_without_think_tags_is_complete(tmp_path):
+    # A plain `cot` field (no tags at all) is the whole reasoning; an opening tag that is never
+    # closed is a generation cut off mid-thought and is still rejected (the paper's seed filter).
+    rows = [
+        {"id": "plain", "problem": "P", "cot": "Reasoning with no tags. So x = 2."},
+        {"id": "cut", "problem": "P", "cot": "<think>cut off mid-"},
+    ]
+    path = tmp_path / "x.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    report = SourceReport()
+    got = list(iter_traces(path, SourceConfig(), report))
+    assert [(t.id, t.thinking, t.answer) for t in got] == [("plain", rows[0]["cot"], "")]
+    assert report.to_dict()["rejected"] == {"incomplete_thinking": 1}
+
+
+def test_sky_t1_acceptance_with_and_without_tags(tmp_path):
+    # Tagged: the 11 traces that open <|begin_of_thought|> and never close it were cut off by the
+    # token limit (no solution); the same 30 texts with every tag removed are all plain reasoning.
+    if not TRACES.exists():
+        pytest.skip(f"shared real traces not found at {TRACES} (../shared/data is absent)")
+    rows = [json.loads(line) for line in TRACES.read_text(encoding="utf-8").splitlines()]
+    report = SourceReport()
+    accepted = {t.id for t in iter_traces(TRACES, SourceConfig(), report)}
+    assert accepted == {r["id"] for r in rows if "<|end_of_thought|>" in r["cot"]}
+    assert len(accepted) == 19 and report.to_dict()["rejected"] == {"incomplete_thinking": 11}
+    tags = ("<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>")
+    plain = []
+    for r in rows:
+        cot = r["cot"]
+        for tag in tags:
+            cot = cot.replace(tag, "")
+        plain.append({**r, "cot": cot})
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in plain), encoding="utf-8")
+    report = SourceReport()
+    assert len(list(iter_traces(path, SourceConfig(), report))) == 30 and not report.rejected
 
 
 def test_sources_formats_fields_and_rejections(tmp_path):

@@ -48,9 +48,18 @@ def register(app: typer.Typer) -> None:
             0.5, help="lambda: weight of the block-size CV in the objective."
         ),
         max_iterations: int = typer.Option(2, help="Judge rounds per memento (T)."),
+        compress: str = typer.Option(
+            "trace",
+            help="trace: one compressor call writes every memento of a trace (the paper's); block: one per block.",
+        ),
         score_threshold: float = typer.Option(8.0, help="Judge score (0-10) that ends refinement."),
         two_pass: bool = typer.Option(
             True, "--two-pass/--single-pass", help="Average 16- and 11-boundary windows."
+        ),
+        scoring_problem: bool = typer.Option(
+            False,
+            "--scoring-problem/--no-scoring-problem",
+            help="Send the problem with every scoring window (the original does not).",
         ),
         limit: int | None = typer.Option(None, help="Only the first N accepted traces (of this shard)."),
         shard: str = typer.Option("0/1", help="i/n: this machine takes rows with index % n == i (0-based)."),
@@ -107,8 +116,10 @@ def register(app: typer.Typer) -> None:
                     tokenizer=tokenizer,
                     max_consecutive_failures=max_consecutive_failures,
                     progress=progress,
-                    scoring=ScoringConfig(two_pass=two_pass),
-                    mementos=MementoConfig(max_iterations=max_iterations, score_threshold=score_threshold),
+                    scoring=ScoringConfig(two_pass=two_pass, include_problem=scoring_problem),
+                    mementos=MementoConfig(
+                        max_iterations=max_iterations, score_threshold=score_threshold, compress=compress
+                    ),
                     source=SourceConfig(
                         problem_field=problem_field,
                         cot_field=cot_field,

@@ -53,6 +53,7 @@ class LLMConfig:
     backoff_max_s: float = 30.0
     temperature: float | None = 0.0
     max_tokens: int = 4096
+    trace_max_tokens: int = 16000  # the one call that writes every memento of a trace (as the original)
     json_mode: bool = False
 
     def __post_init__(self) -> None:
@@ -158,15 +159,17 @@ class LLMClient:
         validate: Callable[[str], T],
         *,
         json_answer: bool = False,
+        max_tokens: int | None = None,
     ) -> T:
-        """One logical request: retried until `validate(content)` returns, or LLMCallFailed."""
+        """One logical request: retried until `validate(content)` returns, or LLMCallFailed.
+        `max_tokens` overrides the configured reply cap for this request."""
         cfg = self.config
         errors: list[str] = []
         for attempt in range(cfg.max_attempts):
             if attempt:
                 await asyncio.sleep(min(cfg.backoff_max_s, cfg.backoff_s * 2 ** (attempt - 1)))
             try:
-                content = await self._request(messages, json_answer)
+                content = await self._request(messages, json_answer, max_tokens)
                 return validate(content)
             except asyncio.CancelledError:
                 raise
@@ -175,9 +178,15 @@ class LLMClient:
                 errors.append(f"{type(e).__name__}: {str(e)[:300]}")
         raise LLMCallFailed(what, errors)
 
-    async def _request(self, messages: list[dict[str, str]], json_answer: bool) -> str:
+    async def _request(
+        self, messages: list[dict[str, str]], json_answer: bool, max_tokens: int | None = None
+    ) -> str:
         cfg = self.config
-        kwargs: dict[str, Any] = {"model": cfg.model, "messages": messages, "max_tokens": cfg.max_tokens}
+        kwargs: dict[str, Any] = {
+            "model": cfg.model,
+            "messages": messages,
+            "max_tokens": max_tokens or cfg.max_tokens,
+        }
         if cfg.temperature is not None:
             kwargs["temperature"] = cfg.temperature
         if json_answer and cfg.json_mode:

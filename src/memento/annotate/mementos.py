@@ -4,12 +4,16 @@
 conclusions — and drops narration, within a budget of ~20% of the block's tokens. `openai` runs the
 paper's loop: compress → judge (0–10 rubric) → refine with the judge's feedback, at most
 `max_iterations` judge rounds, stopping at `score_threshold`, and keeps the *best-scoring* memento
-(not merely the last). A judge failure is recorded and ends the loop; it is never passed to the
-refiner as if it were feedback.
+(not merely the last). As in the paper, the compressor sees the whole trace in one call and writes
+every block's memento at once (`compress="trace"`), so memento i records what block i adds to the
+earlier ones; `compress="block"` makes one call per block instead (for models whose context cannot
+hold a whole trace). Judge and refine work on one block at a time. A judge failure is recorded and
+ends that block's loop; it is never passed to the refiner as if it were feedback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from collections.abc import Sequence
@@ -147,6 +151,35 @@ A reviewer found these problems with it:
 Write an improved memento that fixes every point while staying compact. Reply with JSON only:
 {{"memento": "<text>"}}"""
 
+COMPRESS_TRACE_SYSTEM = """You turn a long reasoning trace, cut into numbered blocks, into mementos: one compact
+state record per block, which replaces that block. Later reasoning will see only the problem and the
+mementos of earlier blocks, so memento i must let a reader continue the work from mementos 1..i alone.
+
+For each block keep, as exact symbols and values: definitions of variables, functions and data
+structures; equations, inequalities and closed forms that were derived; intermediate and final
+numbers; the method or algorithm used, by name; case splits and constraints; checks that were run and
+their outcome; approaches that were tried and abandoned, marked as such; the final answer if the block
+reaches one. Memento i uses only blocks 1..i, never later ones, and records what block i adds: do not
+repeat what an earlier memento already holds. Record only what the blocks establish: do not add
+steps, repair mistakes or solve further. Mark results a block itself doubts as tentative.
+
+Style: lead with the result, then how it was obtained. Terse clauses separated by semicolons,
+name = value pairs, formulas in plain ASCII (x_1, x^2, sqrt(...), >=, !=). No narration such as
+"I tried" or "the block", no Markdown. Aim for about one fifth of each block's length or less;
+completeness matters more than brevity.
+
+Reply with JSON only: {"mementos": ["<memento of block 1>", "<memento of block 2>", ...]}, exactly one
+string per block, in block order."""
+
+COMPRESS_TRACE_USER = """Problem (context only, do not restate it):
+{problem}
+
+The trace, in {count} blocks:
+
+{blocks}
+
+Write exactly {count} mementos, one per block, as {{"mementos": [...]}}."""
+
 JUDGE_SYSTEM = """You grade a memento: a short record meant to replace one block of a reasoning trace.
 Compare it with the block and score it from 0 to 10 by adding:
 - formulas (0-3): the block's key equations and expressions are present, exact, with full notation;
@@ -173,14 +206,21 @@ Memento to grade:
 {memento}"""
 
 
+COMPRESS_MODES = ("trace", "block")
+
+
 @dataclass(frozen=True)
 class MementoConfig:
-    """The judge loop of the paper: T judge rounds (default 2) with threshold 8/10."""
+    """The judge loop of the paper: T judge rounds (default 2) with threshold 8/10; the first
+    mementos come from one compressor call per trace (`compress="trace"`, the paper's) or per block."""
 
     max_iterations: int = 2
     score_threshold: float = 8.0
+    compress: str = "trace"
 
     def __post_init__(self) -> None:
+        if self.compress not in COMPRESS_MODES:
+            raise ValueError(f"--compress must be one of {COMPRESS_MODES}, got {self.compress!r}")
         if self.max_iterations < 1:
             raise ValueError(
                 f"--max-iterations must be >= 1 (each round judges one memento), got {self.max_iterations}"
@@ -210,6 +250,28 @@ def validate_memento(content: str) -> str:
     return text.strip()
 
 
+def validate_mementos(content: str, count: int) -> list[str]:
+    """The `mementos` list of a whole-trace reply: exactly `count` non-empty strings."""
+    obj = parse_json_object(content)
+    items = obj.get("mementos")
+    if not isinstance(items, list):
+        raise InvalidAnswer("reply has no 'mementos' list")
+    if len(items) != count:
+        raise InvalidAnswer(f"expected {count} mementos (one per block), got {len(items)}")
+    if not all(isinstance(x, str) and x.strip() for x in items):
+        raise InvalidAnswer("every memento must be a non-empty string")
+    return [x.strip() for x in items]
+
+
+def trace_prompt(problem: str, blocks: Sequence[str]) -> list[dict[str, str]]:
+    """The one compressor request of a trace: every block, numbered, in order."""
+    body = "\n\n".join(f"=== Block {i + 1} ===\n{b}" for i, b in enumerate(blocks))
+    user = COMPRESS_TRACE_USER.format(
+        problem=problem.strip() or "(not given)", count=len(blocks), blocks=body
+    )
+    return [{"role": "system", "content": COMPRESS_TRACE_SYSTEM}, {"role": "user", "content": user}]
+
+
 def validate_verdict(content: str) -> JudgeVerdict:
     obj = parse_json_object(content)
     score = obj.get("score")
@@ -230,13 +292,19 @@ def validate_verdict(content: str) -> JudgeVerdict:
 
 @dataclass
 class MementoResult:
-    """The memento kept for one block and how it was obtained."""
+    """The memento kept for one block and how it was obtained. `first_score` is the judge's score
+    of the compressor's own memento (before any refinement: the paper's single-pass pass rate)."""
 
     memento: str | None
     score: float | None  # judge score of the kept memento (None: never judged)
     iterations: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     source: str = "extractive"
+    compress: str | None = None  # "trace" or "block": how the first memento was written
+
+    @property
+    def first_score(self) -> float | None:
+        return self.iterations[0].get("score") if self.iterations else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -245,13 +313,43 @@ class MementoResult:
             "iterations": self.iterations,
             "failures": self.failures,
             "source": self.source,
+            "compress": self.compress,
         }
 
 
-async def llm_memento(client: LLMClient, problem: str, block: str, config: MementoConfig) -> MementoResult:
-    """Compress → judge → refine loop for one block; keeps the best-scoring memento."""
+async def llm_mementos(
+    client: LLMClient, problem: str, blocks: Sequence[str], config: MementoConfig
+) -> list[MementoResult]:
+    """Mementos for every block of a trace: the first ones from one compressor call over the whole
+    trace (or one per block), then the judge → refine loop per block, concurrently."""
+    if config.compress == "block":
+        return list(await asyncio.gather(*(llm_memento(client, problem, b, config) for b in blocks)))
     prob = problem.strip() or "(not given)"
-    result = MementoResult(memento=None, score=None, source="openai")
+    try:
+        first = await client.call(
+            f"compress ({len(blocks)} blocks)",
+            trace_prompt(prob, blocks),
+            lambda c: validate_mementos(c, len(blocks)),
+            json_answer=True,
+            max_tokens=client.config.trace_max_tokens,
+        )
+    except LLMCallFailed as e:
+        return [
+            MementoResult(None, None, failures=[str(e)], source="openai", compress="trace") for _ in blocks
+        ]
+    return list(
+        await asyncio.gather(
+            *(
+                _judge_and_refine(client, prob, b, m, config, "trace")
+                for b, m in zip(blocks, first, strict=True)
+            )
+        )
+    )
+
+
+async def llm_memento(client: LLMClient, problem: str, block: str, config: MementoConfig) -> MementoResult:
+    """Compress → judge → refine loop for one block on its own; keeps the best-scoring memento."""
+    prob = problem.strip() or "(not given)"
     try:
         memento = await client.call(
             "compress",
@@ -263,9 +361,15 @@ async def llm_memento(client: LLMClient, problem: str, block: str, config: Memen
             json_answer=True,
         )
     except LLMCallFailed as e:
-        result.failures.append(str(e))
-        return result
-    result.memento = memento  # unjudged until the judge answers
+        return MementoResult(memento=None, score=None, failures=[str(e)], source="openai", compress="block")
+    return await _judge_and_refine(client, prob, block, memento, config, "block")
+
+
+async def _judge_and_refine(
+    client: LLMClient, prob: str, block: str, memento: str, config: MementoConfig, compress: str
+) -> MementoResult:
+    """Judge a block's memento, refine it with the feedback, up to `max_iterations` rounds."""
+    result = MementoResult(memento=memento, score=None, source="openai", compress=compress)
     best: tuple[float, str] | None = None
     for it in range(config.max_iterations):
         try:

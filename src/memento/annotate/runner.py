@@ -31,7 +31,7 @@ from memento.annotate.mementos import (
     block_text,
     compression_ratio,
     extractive_memento,
-    llm_memento,
+    llm_mementos,
 )
 from memento.annotate.scoring import ScoringConfig, fill_missing, heuristic_scores, llm_scores
 from memento.annotate.segmentation import SegmentationWarning, objective, segment
@@ -182,9 +182,9 @@ async def annotate_trace(
     }
     blocks, seg_warning = _segment(token_counts, used, cfg)
     texts = [block_text(sentences, a, b) for a, b in blocks]
-    results = await asyncio.gather(*(llm_memento(client, raw.problem, t, cfg.mementos) for t in texts))
+    results = await llm_mementos(client, raw.problem, texts, cfg.mementos)
     return _record(raw, cfg, counter, client, sentences, token_counts, raw_scores, used, scoring, blocks,
-                   seg_warning, texts, list(results), t0)  # fmt: skip
+                   seg_warning, texts, results, t0)  # fmt: skip
 
 
 def _segment(token_counts: list[int], scores: list[float], cfg: AnnotateConfig) -> tuple[list, str | None]:

@@ -113,26 +113,34 @@ Always give 0 when:
 - a step-by-step simulation of code or an algorithm is running (state updates, "step N", "i = 3");
 - the sentence before is a short lead-in (under about ten words) whose substance comes after.
 
-Judge each boundary only by the sentences around it and by the problem. Reply with JSON only:
+Judge each boundary only by the sentences around it. Reply with JSON only:
 {"scores": [s_1, ..., s_k]} listing the scores in the order of the boundaries."""
 
-SCORING_USER = """Problem being solved:
-{problem}
-
-Reasoning excerpt (boundaries are marked with [[B<number>]] on their own line):
+SCORING_USER = """Reasoning excerpt (boundaries are marked with [[B<number>]] on their own line):
 {text}
 
 Rate these {count} boundaries: {labels}.
 Return exactly {count} integers between 0 and 3 as {{"scores": [...]}}."""
 
+# Only with ScoringConfig(include_problem=True): the original scorer never sees the problem.
+SCORING_PROBLEM = """Problem being solved:
+{problem}
+
+"""
+
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """Window sizes of the LLM scorer; two passes average coprime windows (16, 11)."""
+    """Window sizes of the LLM scorer; two passes average coprime windows (16, 11).
+
+    `include_problem`: also send the problem statement with every window. The original pipeline
+    does not; it costs the problem's tokens once per window and its benefit is unmeasured (see
+    docs/annotate.md), so it is off by default."""
 
     two_pass: bool = True
     window: int = 16
     second_window: int = 11
+    include_problem: bool = False
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.second_window < 1:
@@ -154,17 +162,20 @@ def windows(n_boundaries: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, n_boundaries)) for a in range(0, n_boundaries, size)]
 
 
-def build_window_prompt(problem: str, sentences: Sequence[str], a: int, b: int) -> list[dict[str, str]]:
-    """Messages scoring boundaries a..b-1 (shows sentences a..b; neighbouring windows share one)."""
+def build_window_prompt(
+    problem: str | None, sentences: Sequence[str], a: int, b: int
+) -> list[dict[str, str]]:
+    """Messages scoring boundaries a..b-1 (shows sentences a..b; neighbouring windows share one);
+    `problem` None = the window alone, as the original scorer sends it."""
     parts: list[str] = []
     for i in range(a, b + 1):
         parts.append(sentences[i].strip())
         if i < b:
             parts.append(f"[[B{i}]]")
     labels = ", ".join(f"B{i}" for i in range(a, b))
-    user = SCORING_USER.format(
-        problem=problem.strip() or "(not given)", text="\n".join(parts), count=b - a, labels=labels
-    )
+    user = SCORING_USER.format(text="\n".join(parts), count=b - a, labels=labels)
+    if problem is not None:
+        user = SCORING_PROBLEM.format(problem=problem.strip() or "(not given)") + user
     return [{"role": "system", "content": SCORING_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -206,7 +217,7 @@ async def llm_scores(
     failures: list[WindowFailure] = []
 
     async def one(pi: int, a: int, b: int) -> None:
-        msgs = build_window_prompt(problem, sentences, a, b)
+        msgs = build_window_prompt(problem if config.include_problem else None, sentences, a, b)
         try:
             got = await client.call(
                 f"scoring window {a}..{b - 1}", msgs, lambda c: validate_scores(c, b - a), json_answer=True

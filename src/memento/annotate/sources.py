@@ -200,7 +200,11 @@ def _first_string(row: dict[str, Any], names: tuple[str, ...], where: str) -> st
 
 
 def split_thinking(cot: str) -> tuple[str, str, bool]:
-    """(thinking, answer, closed). Without a recognised opening tag the whole text is thinking."""
+    """(thinking, answer, complete).
+
+    An opening tag without its closing tag is a generation cut off mid-thought (the paper's seed
+    filter drops those). A text with no think tag at all is a plain reasoning field: the whole text
+    is the reasoning, complete as given, with no separate answer."""
     for open_tag, close_tag in THINK_TAGS:
         start = cot.find(open_tag)
         if start < 0:
@@ -218,7 +222,7 @@ def split_thinking(cot: str) -> tuple[str, str, bool]:
         end = cot.find(close_tag)
         if end >= 0:
             return cot[:end], cot[end + len(close_tag) :].strip(), True
-    return cot, "", False
+    return cot, "", True
 
 
 def iter_traces(path: str | Path, config: SourceConfig, report: SourceReport) -> Iterator[RawTrace]:
