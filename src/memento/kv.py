@@ -126,6 +126,31 @@ def expand_trace(runs: Sequence[Sequence[int]]) -> list[int]:
     return [start + i for start, length in runs for i in range(length)]
 
 
+def compress_steps(trace: Sequence[int]) -> list[list[int]]:
+    """Run-length form of any trace: [start, length, step] runs of constant step.
+
+    For sliding-window layers, whose count stays flat once the window is full (a key leaves as one
+    enters) and climbs by one while evicted keys leave it: a few runs per block."""
+    runs: list[list[int]] = []
+    for value in trace:
+        value = int(value)
+        if runs:
+            start, length, step = runs[-1]
+            last = start + (length - 1) * step
+            if length == 1:
+                runs[-1] = [start, 2, value - start]
+                continue
+            if value - last == step:
+                runs[-1][1] += 1
+                continue
+        runs.append([value, 1, 0])
+    return runs
+
+
+def expand_steps(runs: Sequence[Sequence[int]]) -> list[int]:
+    return [start + i * step for start, length, step in runs for i in range(length)]
+
+
 # --- bytes per token of a model shape -------------------------------------------------------------
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1, "fp8": 1}

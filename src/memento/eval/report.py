@@ -14,7 +14,7 @@ from pathlib import Path
 
 from memento.eval.grading import cluster_answers
 from memento.eval.metrics import compare_runs, coverage, ks_for, mean_maj_at_k, mean_pass_at_k, pass1
-from memento.kv import expand_trace
+from memento.kv import KVShape, expand_steps, expand_trace
 
 
 def _mean(values: Sequence[float | int | None]) -> float | None:
@@ -38,10 +38,58 @@ def _by_problem(records: Sequence[dict]) -> dict[str, list[dict]]:
     return dict(grouped)
 
 
+def sample_kv_bytes(record: dict, shape: KVShape) -> tuple[int, int] | None:
+    """(peak, AUC) KV bytes of one sample over all the model's layers, each by its type: a
+    full-attention layer holds the sample's KV trace, a sliding-window layer the trace recorded for
+    its window (`kv_runs_window`). None when the record lacks a trace it needs."""
+    if record.get("peak_kv") is None:
+        return None
+    if not shape.sliding:  # every layer holds every cached token: exact from the token counts
+        return record["peak_kv"] * shape.bytes_per_token, (record.get("auc_kv") or 0) * shape.bytes_per_token
+    by_window = record.get("kv_runs_window") or {}
+    windows = [w for w in shape.layer_counts() if w is not None]
+    if record.get("kv_runs") is None or any(str(w) not in by_window for w in windows):
+        return None
+    traces: dict[int | None, list[int]] = {None: expand_trace(record["kv_runs"])}
+    traces.update({w: expand_steps(by_window[str(w)]) for w in windows})
+    if not traces[None]:
+        return None
+    held = shape.bytes_trace(traces)
+    return max(held), sum(held)
+
+
+def kv_bytes_summary(records: Sequence[dict], shape: KVShape) -> dict:
+    """Peak KV in GB and AUC in GB·ktok (the paper's Table-1 units), means over samples, counted
+    by layer type; samples without window traces count every layer as full attention (said so)."""
+    peaks, aucs, fallback = [], [], 0
+    for r in records:
+        got = sample_kv_bytes(r, shape)
+        if got is None and r.get("peak_kv") is not None:  # a sliding model without window traces
+            fallback += 1
+            got = r["peak_kv"] * shape.bytes_per_token, (r.get("auc_kv") or 0) * shape.bytes_per_token
+        if got is not None:
+            peaks.append(got[0])
+            aucs.append(got[1])
+    if not peaks:
+        return {}
+    return {
+        "peak_kv_gb": sum(peaks) / len(peaks) / 1e9,
+        "auc_kv_gb_ktok": sum(aucs) / len(aucs) / 1e12,
+        "kv_shape": shape.name,
+        "kv_gb_basis": "by layer type" if shape.sliding and not fallback else "every layer full attention",
+        "kv_gb_full_fallback": fallback,
+    }
+
+
 def summarize_run(
-    records: Sequence[dict], kind: str, bytes_per_token: int | None = None, seed: int = 0
+    records: Sequence[dict],
+    kind: str,
+    bytes_per_token: int | None = None,
+    seed: int = 0,
+    shape: KVShape | None = None,
 ) -> dict:
-    """Aggregate one run's per-sample records (all of the same mode)."""
+    """Aggregate one run's per-sample records (all of the same mode). KV bytes come from `shape`
+    (by layer type) or, without one, `bytes_per_token` (every layer full attention)."""
     grouped = _by_problem(records)
     correct = {pid: [bool(r["correct"]) for r in rs] for pid, rs in grouped.items()}
     classes = {pid: cluster_answers([r.get("extracted") for r in rs], kind) for pid, rs in grouped.items()}
@@ -75,9 +123,11 @@ def summarize_run(
         "compression_pooled": total_memento / total_block if total_block else None,
         "size_basis": next((r.get("size_basis") for r in records if r.get("size_basis")), "tokens"),
     }
-    if bytes_per_token and peak is not None:
+    if peak is not None and shape is not None:
+        summary.update(kv_bytes_summary(records, shape))
+    elif peak is not None and bytes_per_token:
         summary["peak_kv_gb"] = peak * bytes_per_token / 1e9
-        summary["auc_kv_gb_steps"] = (summary["auc_kv"] or 0) * bytes_per_token / 1e9
+        summary["auc_kv_gb_ktok"] = (summary["auc_kv"] or 0) * bytes_per_token / 1e12
     return summary
 
 
@@ -90,12 +140,16 @@ def summarize(
     order: Sequence[str] = (),
     bytes_per_token: int | None = None,
     seed: int = 0,
+    shape: KVShape | None = None,
 ) -> dict:
     """Everything `summary.json` holds: per-run aggregates and first-vs-other overlaps."""
     runs = run_order(records, order)
     per_run = {
-        m: summarize_run([r for r in records if r["mode"] == m], kind, bytes_per_token, seed) for m in runs
+        m: summarize_run([r for r in records if r["mode"] == m], kind, bytes_per_token, seed, shape)
+        for m in runs
     }
+    if shape is not None:
+        bytes_per_token = shape.bytes_per_token
     correct_by_run = {
         m: {
             pid: [bool(r["correct"]) for r in rs]
@@ -111,6 +165,7 @@ def summarize(
         "kind": kind,
         "problems": problems,
         "kv_bytes_per_token": bytes_per_token,
+        "kv_shape": shape.describe() if shape is not None else None,
         "order": runs,
         "runs": per_run,
         "comparisons": comparisons,
@@ -138,6 +193,20 @@ def _delta_mul(v, base) -> str:
     return "" if v is None or not base else f" (×{v / base:.2f})"
 
 
+def _kv_note(summary: dict) -> list[str]:
+    """Which model shape the GB rows are for, and whether they count layers by type."""
+    shape = summary.get("kv_shape")
+    if not shape:
+        return []
+    runs = summary["runs"].values()
+    fallback = sum(r.get("kv_gb_full_fallback", 0) for r in runs)
+    basis = "counted by layer type" if "sliding" in shape else "every layer full attention"
+    note = f"KV bytes: {shape}; {basis}."
+    if fallback and "sliding" in shape:
+        note += f" {fallback} sample(s) had no sliding-window traces and count every layer as full."
+    return [note, ""]
+
+
 def render_markdown(summary: dict, plots: Sequence[str] = (), per_problem: dict | None = None) -> str:
     runs = summary["order"]
     first = runs[0]
@@ -154,6 +223,7 @@ def render_markdown(summary: dict, plots: Sequence[str] = (), per_problem: dict 
         ("Peak KV (tokens)", "peak_kv", False),
         ("Peak KV (GB)", "peak_kv_gb", False),
         ("AUC KV (token·steps)", "auc_kv", False),
+        ("AUC KV (GB·ktok)", "auc_kv_gb_ktok", False),
         ("Output tokens", "output_tokens", False),
         ("Blocks / sample", "blocks", False),
         (f"Block {basis} / sample", "block_tokens", False),
@@ -178,6 +248,7 @@ def render_markdown(summary: dict, plots: Sequence[str] = (), per_problem: dict 
         "",
         "Δ vs the first column: additive in points for rates, multiplicative for sizes.",
         "",
+        *_kv_note(summary),
         "| | " + " | ".join(runs) + " |",
         "|---|" + "---|" * len(runs),
     ]
@@ -197,7 +268,7 @@ def render_markdown(summary: dict, plots: Sequence[str] = (), per_problem: dict 
                 if m != first:
                     text += _delta_add(v, base)
             else:
-                digits = 3 if key in ("compression", "peak_kv_gb") else 1
+                digits = 3 if key in ("compression", "peak_kv_gb", "auc_kv_gb_ktok") else 1
                 text = _fmt_num(v, digits)
                 if m != first and key != "compression":
                     text += _delta_mul(v, base)
@@ -351,6 +422,7 @@ def write_report(
     plot_ids: Sequence[str] | None = None,
     plots: bool = True,
     seed: int = 0,
+    shape: KVShape | None = None,
 ) -> dict:
     """Write summary.json, report.md and the plots; returns the summary."""
     out = Path(output_dir)
@@ -365,6 +437,7 @@ def write_report(
         order=order,
         bytes_per_token=bytes_per_token,
         seed=seed,
+        shape=shape,
     )
     runs = summary["order"]
     written: list[Path] = []

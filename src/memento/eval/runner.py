@@ -20,12 +20,28 @@ from memento.eval.benchmarks import Benchmark, Problem
 from memento.eval.grading import grade
 from memento.eval.retokenize import Retokenizer, token_counter
 from memento.jsonl import read_jsonl
-from memento.kv import block_stats, compress_trace, replay_kv
-from memento.masking import MODES
+from memento.kv import block_stats, compress_steps, compress_trace, kv_stats
+from memento.masking import MODES, BlockMaskingConfig, config_for_mode
 
 RESULTS = "results.jsonl"
 RUN_CONFIG = "run_config.json"
 Key = tuple[str, str, int]  # (mode, id, sample)
+
+# The paper's samples per problem (App. A.2.2): 64 on competition math, 2 on everything else.
+COMPETITION_MATH_SAMPLES = 64
+OTHER_SAMPLES = 2
+_COMPETITION = ("aime", "hmmt", "amc", "brumo", "cmimc", "smt", "olympiad", "imo", "usamo", "comp")
+
+
+def is_competition_math(benchmark_name: str) -> bool:
+    """A competition-math benchmark by its file name (AIME, HMMT, AMC, BRUMO, CMIMC, ...)."""
+    name = benchmark_name.lower()
+    return any(tag in name for tag in _COMPETITION)
+
+
+def default_samples(benchmark_name: str) -> int:
+    """`--n` when not given: the paper's 64 for competition math, 2 otherwise."""
+    return COMPETITION_MATH_SAMPLES if is_competition_math(benchmark_name) else OTHER_SAMPLES
 
 
 @dataclass(frozen=True)
@@ -37,13 +53,18 @@ class GenerationConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     top_k: int = 20
-    max_new_tokens: int = 32768
+    max_new_tokens: int = 32000
     seed: int = 0
     prompt_template: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
     kv_budget_tokens: int | None = None
     batch_size: int = 16
+    masking: dict | None = None  # BlockMaskingConfig fields that differ from the defaults
+
+    @property
+    def masking_config(self) -> BlockMaskingConfig | None:
+        return BlockMaskingConfig.from_dict(self.masking) if self.masking else None
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -60,6 +81,8 @@ class GenerationConfig:
         d = asdict(self)
         for k in ("device", "batch_size", "kv_budget_tokens", "n"):
             d.pop(k)
+        if not d["masking"]:
+            d.pop("masking")  # default eviction: the same fingerprint as runs made before the option
         return d
 
 
@@ -178,6 +201,7 @@ def _sample_record(
     peak_kv: int | None,
     auc_kv: int | None,
     kv_trace: Sequence[int] | None,
+    window_traces: dict[int, list[int]] | None = None,
     extra: dict | None = None,
 ) -> dict:
     g = grade(response, problem.answer, kind)
@@ -201,8 +225,20 @@ def _sample_record(
     }
     record.update(extra or {})
     record["kv_runs"] = compress_trace(kv_trace) if kv_trace else None
+    if window_traces:
+        record["kv_runs_window"] = {str(w): compress_steps(t) for w, t in sorted(window_traces.items())}
     record["response"] = response
     return record
+
+
+def window_traces(
+    ids: Sequence[int], prompt_len: int, markers, config: BlockMaskingConfig, windows: Sequence[int]
+) -> dict[int, list[int]]:
+    """The KV trace of each sliding-window size (`memento.kv.kv_stats(..., window=W)`): what a layer
+    with that window holds at each generated token, for the GB of models with such layers."""
+    if not windows or len(ids) <= prompt_len:
+        return {}
+    return {w: kv_stats(ids, markers, config, max(prompt_len, 1), window=w).trace for w in windows}
 
 
 # --- generation through the engine --------------------------------------------------------------
@@ -216,6 +252,7 @@ def default_engine_factory(config: GenerationConfig) -> Callable[[str], object]:
             return Engine.from_pretrained(
                 config.model,
                 mode=mode,
+                masking=config.masking_config,
                 dtype=config.dtype,
                 device=config.device,
                 kv_budget_tokens=config.kv_budget_tokens,
@@ -252,9 +289,11 @@ def generate_results(
     engine_factory: Callable[[str], object] | None = None,
     progress: Progress | None = None,
     chunk_size: int = 64,
+    windows: Sequence[int] = (),
 ) -> int:
     """Generate every missing (mode, problem, sample) and append its graded line; returns how many
-    were generated. Already present keys are skipped, so rerunning after a kill resumes."""
+    were generated. Already present keys are skipped, so rerunning after a kill resumes. `windows`:
+    the model's sliding-window sizes, whose KV traces are recorded too (for GB by layer type)."""
     from memento.engine import SamplingParams
 
     factory = engine_factory or default_engine_factory(config)
@@ -291,7 +330,7 @@ def generate_results(
                         )
                     )
 
-                def write(out, chunk=chunk, mode=mode, count=count) -> None:
+                def write(out, chunk=chunk, mode=mode, count=count, engine=engine) -> None:
                     nonlocal produced
                     p, s = chunk[out.prompt_index]
                     record = _sample_record(
@@ -304,6 +343,15 @@ def generate_results(
                         peak_kv=int(out.peak_kv),
                         auc_kv=int(out.auc_kv),
                         kv_trace=list(out.kv_trace),
+                        window_traces=window_traces(
+                            list(out.prompt_ids) + list(out.output_ids),
+                            len(out.prompt_ids),
+                            engine.markers,
+                            engine.config,
+                            windows,
+                        )
+                        if windows
+                        else None,
                         extra={
                             "finish_reason": out.finish_reason,
                             "prompt_tokens": len(out.prompt_ids),
@@ -433,7 +481,7 @@ def read_all_responses(
     return records
 
 
-def response_fingerprint(r: ResponseRecord, problem: Problem, kind: str, measure: str | None) -> str:
+def response_fingerprint(r: ResponseRecord, problem: Problem, kind: str, measure: str | list | None) -> str:
     """What a graded line depends on: the response (text and ids), the gold answer, the grading
     kind and how tokens were measured. A rerun regrades exactly the lines whose fingerprint moved."""
     payload = [r.response, r.token_ids, r.prompt_ids, problem.answer, problem.problem, kind, measure]
@@ -447,14 +495,19 @@ def grade_responses(
     *,
     retokenizer: Retokenizer | None = None,
     progress: Progress | None = None,
+    masking: BlockMaskingConfig | None = None,
+    windows: Sequence[int] = (),
 ) -> int:
-    """Grade (and, with a tokenizer, KV-replay) responses made elsewhere. Lines already graded from
+    """Grade (and, with a tokenizer, KV-replay under `masking` and each sliding `windows` size)
+    responses made elsewhere. Lines already graded from
     the same inputs are kept; lines of these columns whose response, gold answer or measuring
     changed, or that are no longer in the files, are dropped and regraded (so a rerun after
     fixing the inputs shows the new grades). Returns how many lines were graded."""
     known = benchmark.by_id()
     progress = progress or Progress()
     measure = retokenizer.signature if retokenizer is not None else None
+    if retokenizer is not None and (masking is not None or windows):  # KV numbers depend on them too
+        measure = [measure, masking.to_dict() if masking else None, sorted(windows)]
     current = {
         (r.mode, r.id, r.sample): (r, response_fingerprint(r, known[r.id], benchmark.kind, measure))
         for r in responses
@@ -478,13 +531,20 @@ def grade_responses(
             problem = known[r.id]
             peak = auc = None
             trace: list[int] | None = None
+            by_window: dict[int, list[int]] = {}
             extra: dict = {"source": fingerprint}
             if retokenizer is not None:
                 prompt = r.prompt_ids if r.prompt_ids is not None else retokenizer.prompt_ids(problem.problem)
                 output = r.token_ids if r.token_ids is not None else retokenizer.output_ids(r.response)
                 retokenizer.check_ids(prompt + output, r.where)
                 kv_mode = r.mode if r.mode in MODES else "memento"
-                peak, auc, trace = replay_kv(prompt + output, len(prompt), retokenizer.markers, kv_mode)
+                config = config_for_mode(kv_mode, masking)
+                if output:
+                    stats = kv_stats(prompt + output, retokenizer.markers, config, max(len(prompt), 1))
+                    peak, auc, trace = stats.peak, stats.auc, stats.trace
+                else:
+                    peak, auc, trace = len(prompt), 0, []
+                by_window = window_traces(prompt + output, len(prompt), retokenizer.markers, config, windows)
                 extra.update(prompt_tokens=len(prompt), output_tokens=len(output))
             record = _sample_record(
                 mode=r.mode,
@@ -496,6 +556,7 @@ def grade_responses(
                 peak_kv=peak,
                 auc_kv=auc,
                 kv_trace=trace,
+                window_traces=by_window,
                 extra=extra,
             )
             if results.append(record):
