@@ -54,6 +54,7 @@ def _config(model: Path, data: Path, out: Path, **overrides) -> SFTConfig:
         max_steps=STEPS,
         lr=3e-3,
         batch_size=4,
+        grad_accum=1,
         logging_steps=10,
         save_steps=STEPS // 2,
         progress=False,
@@ -124,7 +125,7 @@ def test_cli_end_to_end_with_config_file(tiny_dir, data_path, tmp_path):
     config.write_text(f"model: {tiny_dir}\ndata: {data_path}\nmax-steps: 50\nlr: 1.0e-3\nprogress: false\n")
     out = tmp_path / "cli-out"
     args = ["train", "--config", str(config), "--output-dir", str(out), "--max-steps", "3"]
-    args += ["--stage", "memento", "--mask-delimiters", "--batch-size", "2", "--json"]
+    args += ["--stage", "memento", "--mask-delimiters", "--batch-size", "2", "--grad-accum", "1", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # --json: stdout is the JSON and nothing else (issue 19)
@@ -155,7 +156,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_dir, data_path, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     cmd += ["-m", "memento.train", "--model", str(tiny_dir), "--data", str(data_path)]
     cmd += ["--output-dir", str(out), "--stage", "memento", "--max-steps", "4", "--batch-size", "2"]
-    cmd += ["--save-steps", "4", "--no-progress", "--json"]
+    cmd += ["--save-steps", "4", "--grad-accum", "1", "--no-progress", "--json"]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

@@ -88,6 +88,8 @@ def train_run(
         weight_decay=weight_decay,
         adam_beta2=adam_beta2,
         batch_size=batch_size,
+        grad_accum=1,  # the demo's own profile: one batch per step, not the paper's global 512
+        gradient_checkpointing=False,
         save_steps=save_every if save_every > 0 else steps + 1,
         logging_steps=5,
         seed=seed,

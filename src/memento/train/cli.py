@@ -61,7 +61,7 @@ def train_command(
     fmt: str = typer.Option(None, "--format", help="memento, or control (no markers; the Control row)."),
     config: Path = typer.Option(None, "--config", help="YAML/JSON file with the same keys as the flags."),
     system_prompt: str = typer.Option(None, "--system-prompt", help="System prompt (none by default)."),
-    max_length: int = typer.Option(None, "--max-length", help="Token cap per sample [default: 4096]."),
+    max_length: int = typer.Option(None, "--max-length", help="Token cap per sample [default: 32768]."),
     overlong: str = typer.Option(None, "--overlong", help="truncate | drop samples over --max-length."),
     masking_config: str = typer.Option(None, "--masking-config", help="Block-masking options, JSON or file."),
     keep_last_n_blocks: int = typer.Option(
@@ -75,13 +75,18 @@ def train_command(
         None, "--flex-threshold", help="auto: flex on CUDA above this many tokens [4096]."
     ),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
-    epochs: float = typer.Option(None, "--epochs", help="Epochs [3]."),
+    epochs: float = typer.Option(None, "--epochs", help="Epochs [5]."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate [8e-5]."),
     batch_size: int = typer.Option(None, "--batch-size", help="Per-device batch size [1]."),
-    grad_accum: int = typer.Option(None, "--grad-accum", help="Gradient accumulation steps [1]."),
+    global_batch_size: int = typer.Option(
+        None, "--global-batch-size", help="Samples per optimizer step, over all processes [512]."
+    ),
+    grad_accum: int = typer.Option(
+        None, "--grad-accum", help="Gradient accumulation steps [derived from --global-batch-size]."
+    ),
     warmup_ratio: float = typer.Option(None, "--warmup-ratio", help="Warmup fraction of steps [0.05]."),
     weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay [0]."),
-    save_steps: int = typer.Option(None, "--save-steps", help="Checkpoint every N steps [500]."),
+    save_steps: int = typer.Option(None, "--save-steps", help="Checkpoint every N steps [50]."),
     save_total_limit: int = typer.Option(None, "--save-total-limit", help="Keep at most N checkpoints."),
     logging_steps: int = typer.Option(None, "--logging-steps", help="Log every N steps [10]."),
     seed: int = typer.Option(None, "--seed", help="Random seed [42]."),
@@ -89,7 +94,26 @@ def train_command(
         None, "--resume", help="'latest' (newest checkpoint in --output-dir) or a checkpoint path."
     ),
     gradient_checkpointing: bool = typer.Option(
-        None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory."
+        None,
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Trade compute for memory [on with CUDA, off on CPU].",
+    ),
+    select_by: Path = typer.Option(
+        None,
+        "--select-by",
+        help="Benchmark JSONL: score every checkpoint at the end; OUTPUT_DIR/best = the best.",
+    ),
+    select_mode: str = typer.Option(
+        None, "--select-mode", help="full | memento | restart for --select-by [the stage's: full / memento]."
+    ),
+    select_n: int = typer.Option(
+        None, "--select-n", help="Samples per problem for --select-by [the paper's]."
+    ),
+    select_limit: int = typer.Option(
+        None, "--select-limit", help="Only the first N problems of --select-by."
+    ),
+    select_max_new_tokens: int = typer.Option(
+        None, "--select-max-new-tokens", help="Token budget per --select-by answer [32000]."
     ),
     bf16: bool = typer.Option(None, "--bf16/--no-bf16", help="bf16 mixed precision [auto: on with CUDA]."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar and log lines."),
@@ -113,6 +137,7 @@ def train_command(
         "epochs": epochs,
         "lr": lr,
         "batch_size": batch_size,
+        "global_batch_size": global_batch_size,
         "grad_accum": grad_accum,
         "warmup_ratio": warmup_ratio,
         "weight_decay": weight_decay,
@@ -124,6 +149,11 @@ def train_command(
         "gradient_checkpointing": gradient_checkpointing,
         "bf16": bf16,
         "progress": progress,
+        "select_by": str(select_by) if select_by else None,
+        "select_mode": select_mode,
+        "select_n": select_n,
+        "select_limit": select_limit,
+        "select_max_new_tokens": select_max_new_tokens,
     }
     from memento.user_errors import reported
 
@@ -134,6 +164,10 @@ def train_command(
             masking["keep_last_n_blocks"] = keep_last_n_blocks
         if mask_delimiters is not None:
             masking["mask_delimiters"] = mask_delimiters
+        if global_batch_size is not None and grad_accum is not None:
+            raise ValueError(
+                "give --global-batch-size or --grad-accum, not both (the first derives the second)"
+            )
         cfg = build_config(config, flags, masking)
         typed = {"masking_config": masking_config, "keep_last_n_blocks": keep_last_n_blocks,
                  "mask_delimiters": mask_delimiters}  # fmt: skip

@@ -2,16 +2,22 @@
 
 Stage 1 (`full`) teaches the format with ordinary causal attention; Stage 2 (`memento`) trains
 with the block mask the engine evicts with, so the model learns to carry what it needs in its
-mementos. Defaults follow the MEMENTO paper: AdamW (0.9, 0.999), no weight decay, lr 8e-5 cosine
-with 5% warmup, grad clip 1.0, bf16 on GPU (fp32 on CPU). Runs as is under `accelerate launch`.
+mementos. Defaults are the MEMENTO paper's recipe (App. A.2.1): 5 epochs, global batch 512
+(gradient accumulation over the per-device batch and the processes), 32,768 tokens with
+truncation, AdamW (0.9, 0.999), no weight decay, lr 8e-5 cosine with 5% warmup, grad clip 1.0,
+a checkpoint every 50 steps, gradient checkpointing and bf16 on GPU (fp32 on CPU). With
+`select_by`, every checkpoint is evaluated on a validation benchmark at the end and `best` points
+at the winner (Stage 2 starts from it). Runs as is under `accelerate launch`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ from memento.train.data import FORMATS, OVERLONG, DataStats
 
 ATTENTION = ("auto", "sdpa", "eager", "flex")
 CONFIG_FILE_NAME = "memento_train.json"
+PAPER_GLOBAL_BATCH = 512
 
 
 @dataclass
@@ -34,6 +41,16 @@ class SFTConfig:
     checkpoint path. `attention`: "auto" = sdpa with a dense mask, except flex_attention on CUDA
     for Stage 2 once a sample is longer than `flex_threshold` tokens. `bf16`: None = on iff CUDA
     supports it. `max_steps` > 0 overrides `epochs`.
+
+    Batch: `global_batch_size` samples per optimizer step (the paper's 512), reached by gradient
+    accumulation over `batch_size` per device and the processes; or give `grad_accum` instead (it
+    wins; the global batch is then whatever it makes). `gradient_checkpointing`: None = on with
+    CUDA (real models), off on CPU (toy models, where it only costs time).
+
+    `select_by`: a benchmark JSONL; after training every `checkpoint-N` is evaluated on it
+    (`select_mode`, default the stage's: full for Stage 1, memento for Stage 2; `select_n` samples
+    per problem, default the paper's per benchmark; `select_limit` problems) and `best` links to
+    the most accurate (ties: the later step).
     """
 
     model: str
@@ -42,13 +59,13 @@ class SFTConfig:
     stage: str = "full"
     format: str = "memento"
     system_prompt: str | None = None
-    max_length: int = 4096
+    max_length: int = 32768
     overlong: str = "truncate"
     masking: BlockMaskingConfig = field(default_factory=BlockMaskingConfig)
     attention: str = "auto"
     flex_threshold: int = 4096
     max_steps: int = -1
-    epochs: float = 3.0
+    epochs: float = 5.0
     lr: float = 8e-5
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.05
@@ -57,15 +74,21 @@ class SFTConfig:
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
     batch_size: int = 1
-    grad_accum: int = 1
-    save_steps: int = 500
+    global_batch_size: int | None = PAPER_GLOBAL_BATCH
+    grad_accum: int | None = None
+    save_steps: int = 50
     save_total_limit: int | None = None
     logging_steps: int = 10
     seed: int = 42
     resume: str | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
     bf16: bool | None = None
     progress: bool = True
+    select_by: str | None = None
+    select_mode: str | None = None
+    select_n: int | None = None
+    select_limit: int | None = None
+    select_max_new_tokens: int = 32000
 
     def __post_init__(self) -> None:
         if isinstance(self.masking, dict):
@@ -90,14 +113,38 @@ class SFTConfig:
         for name in (
             "max_length",
             "batch_size",
-            "grad_accum",
             "save_steps",
             "logging_steps",
             "flex_threshold",
+            "select_max_new_tokens",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("global_batch_size", "grad_accum", "select_n", "select_limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer (or unset), got {value!r}")
+        if self.grad_accum is not None and self.global_batch_size not in (None, PAPER_GLOBAL_BATCH):
+            raise ValueError(
+                "give global_batch_size or grad_accum, not both (grad_accum fixes the accumulation; "
+                "global_batch_size derives it)"
+            )
+        if self.grad_accum is None and self.global_batch_size is None:
+            raise ValueError("set global_batch_size or grad_accum")
+        if self.grad_accum is not None:
+            self.global_batch_size = None  # the accumulation decides; the run records the real one
+        if self.select_mode is not None:
+            from memento.masking import MODES
+
+            if self.select_mode not in MODES:
+                raise ValueError(f"select_mode must be one of {MODES}, got {self.select_mode!r}")
+        if self.select_by is None and any(
+            v is not None for v in (self.select_mode, self.select_n, self.select_limit)
+        ):
+            raise ValueError(
+                "select_mode/select_n/select_limit shape the checkpoint selection: set select_by"
+            )
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps == 0:
             raise ValueError(
                 f"max_steps must be a positive integer or -1 (use epochs), got {self.max_steps!r}"
@@ -170,9 +217,37 @@ class TrainResult:
     resumed_from: str | None
     data: DataStats
     log_history: list[dict] = field(default_factory=list)
+    grad_accum: int = 1
+    global_batch_size: int = 1  # samples per optimizer step, over all processes
+    selection: dict | None = None  # with select_by: each checkpoint's score and the best one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def world_size() -> int:
+    """Processes in this run (`accelerate launch` / torchrun set WORLD_SIZE; 1 otherwise)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def resolve_accumulation(cfg: SFTConfig, world: int) -> tuple[int, int]:
+    """(gradient accumulation steps, samples per optimizer step) for `world` processes.
+
+    `grad_accum` given: it is used as is. Else the accumulation that reaches `global_batch_size`
+    from `batch_size` x `world` (rounded up when it does not divide; the caller says so)."""
+    per_step = cfg.batch_size * world
+    if cfg.grad_accum is not None:
+        return cfg.grad_accum, per_step * cfg.grad_accum
+    if per_step > cfg.global_batch_size:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} x {world} process(es) = {per_step} samples per micro-step, more than "
+            f"--global-batch-size {cfg.global_batch_size}; lower --batch-size or raise --global-batch-size"
+        )
+    accum = -(-cfg.global_batch_size // per_step)
+    return accum, per_step * accum
 
 
 def _trainer_class():
@@ -283,10 +358,17 @@ def resolve_resume(cfg: SFTConfig) -> str | None:
     return str(path)
 
 
-def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
+def train(
+    cfg: SFTConfig,
+    *,
+    callbacks: list | None = None,
+    selector: Callable[[Path], float] | None = None,
+) -> TrainResult:
     """Run one SFT stage end to end and save a loadable model + tokenizer to `cfg.output_dir`.
 
-    The dataset is read and validated before the model is loaded, so a bad line fails fast."""
+    The dataset is read and validated before the model is loaded, so a bad line fails fast.
+    `selector(checkpoint_dir) -> score` picks the best checkpoint (higher is better) instead of
+    `cfg.select_by`'s benchmark accuracy: the evaluation hook of the checkpoint selection."""
     from transformers import TrainingArguments, set_seed
 
     from memento.format import read_traces
@@ -302,19 +384,26 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
         raise ValueError(f"{data_path}: no traces in file (expected JSONL lines with problem/blocks/answer)")
     check_model_dir(cfg.model, "--model")
     check_output_dir(cfg.output_dir)
+    if cfg.select_by is not None:
+        from memento.eval.benchmarks import load_benchmark
+
+        load_benchmark(check_input_file(cfg.select_by, "--select-by"), limit=cfg.select_limit)
     resume_from = resolve_resume(cfg)
+    world = world_size()
+    grad_accum, global_batch = resolve_accumulation(cfg, world)
 
     cuda = torch.cuda.is_available()
     bf16 = (cuda and torch.cuda.is_bf16_supported()) if cfg.bf16 is None else cfg.bf16
     if bf16 and not cuda:
         raise ValueError("bf16 training needs a GPU here; leave bf16 unset on CPU (fp32)")
     choose_attention(cfg, 0, cuda)  # refuses flex without CUDA before the model loads
+    checkpointing = cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     set_seed(cfg.seed)
     # Arguments first: under `accelerate launch` with ZeRO-3 they make from_pretrained shard at load.
     args = TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_accumulation_steps=grad_accum,
         learning_rate=cfg.lr,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,
@@ -332,8 +421,8 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
         seed=cfg.seed,
         bf16=bf16,
         use_cpu=not cuda,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         remove_unused_columns=False,
         report_to=[],
         disable_tqdm=not cfg.progress,
@@ -387,6 +476,20 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
             f"[memento train] stage={cfg.stage} format={cfg.format} attention={attention} data: {stats.summary()}",
             file=sys.stderr,
         )
+        print(
+            f"[memento train] global batch {global_batch} = {cfg.batch_size} per device x {world} process(es) x "
+            f"{grad_accum} accumulation steps; gradient checkpointing {'on' if checkpointing else 'off'}",
+            file=sys.stderr,
+        )
+        if cfg.grad_accum is None and global_batch != cfg.global_batch_size:
+            print(f"[memento train] note: {cfg.global_batch_size} is not a multiple of {cfg.batch_size * world}: "
+                  f"each step takes {global_batch} samples", file=sys.stderr)  # fmt: skip
+        if stats.samples < global_batch:
+            print(
+                f"[memento train] note: {stats.samples} samples is less than one global batch of {global_batch}: "
+                "every epoch is a single optimizer step (lower --global-batch-size for small data)",
+                file=sys.stderr,
+            )
         if cfg.resume:
             print(
                 f"[memento train] resuming from {resume_from}"
@@ -421,7 +524,13 @@ def train(cfg: SFTConfig, *, callbacks: list | None = None) -> TrainResult:
         resumed_from=resume_from,
         data=stats,
         log_history=list(trainer.state.log_history),
+        grad_accum=grad_accum,
+        global_batch_size=global_batch,
     )
+    if main and (cfg.select_by is not None or selector is not None):
+        from memento.train.select import select_checkpoint
+
+        result.selection = select_checkpoint(cfg, selector=selector)
     if main:
         record = {
             "config": cfg.to_dict(),
