@@ -234,7 +234,9 @@ def test_memento_train_runs_a_sliding_window_model(toy_tokenizer, tmp_path):
 
     model_dir = save("olmo3", toy_tokenizer, tmp_path / "model")
     data = write_jsonl(tmp_path / "traces.jsonl", make_traces(8, seed=3))
-    common = dict(model=str(model_dir), data=str(data), stage="memento", batch_size=2, grad_accum=1, progress=False)
+    common = dict(
+        model=str(model_dir), data=str(data), stage="memento", batch_size=2, grad_accum=1, progress=False
+    )
     result = train(SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, save_steps=100, **common))
     assert result.global_step == 2 and math.isfinite(result.final_loss) and result.attention == "sdpa"
     with pytest.raises(ValueError, match="sliding-window"):
