@@ -1,15 +1,19 @@
-"""Should the boundary scorer see the problem statement? (The original pipeline never sends it.)
+"""What the annotation prompts cost, and (with an endpoint) whether the scorer should see the problem.
 
-Offline (always): what sending it costs — the scoring prompts' tokens with and without the problem,
-over the accepted Sky-T1 traces, two passes (windows 16 and 11), built by the real prompt builder.
+Offline (always), over the accepted Sky-T1 traces, with the real prompt builders and the built-in
+token counter:
+* scoring: the prompts' tokens with and without the problem statement, two passes (windows 16 and
+  11) — the original pipeline never sends the problem;
+* compressor: the input tokens of one call per trace (all blocks, the paper's) against one call
+  per block (each with the problem), on the offline segmentation.
 
 With an endpoint (`--base-url`, any OpenAI-compatible server): what it changes — every window of the
 first `--traces` traces is scored both ways, and we report the scores' agreement between the two
 passes of each condition (a noisier scorer agrees less with itself) and between the conditions.
 There is no ground truth for boundary quality, so this is a consistency measure, not accuracy.
 
-    .venv/bin/python benchmarks/annotate_scoring_prompt.py                      # offline cost only
-    .venv/bin/python benchmarks/annotate_scoring_prompt.py --base-url http://127.0.0.1:8000/v1 \\
+    .venv/bin/python benchmarks/annotate_prompts.py                      # offline cost only
+    .venv/bin/python benchmarks/annotate_prompts.py --base-url http://127.0.0.1:8000/v1 \\
         --model Qwen/Qwen3-32B --api-key none --traces 5
 """
 
@@ -50,6 +54,31 @@ def prompt_cost(traces, counter) -> dict:
         "prompt_tokens_without_problem": totals["without"],
         "prompt_tokens_with_problem": totals["with"],
         "extra_fraction": round(extra / totals["without"], 4),
+    }
+
+
+def compressor_cost(traces, counter) -> dict:
+    """Compressor input tokens: one call with every block vs one call per block."""
+    from memento.annotate.mementos import COMPRESS_SYSTEM, COMPRESS_USER, block_text, trace_prompt
+    from memento.annotate.scoring import heuristic_scores
+    from memento.annotate.segmentation import segment
+
+    per_trace = per_block = blocks = 0
+    for raw in traces:
+        sentences = split_sentences(raw.thinking, counter)
+        cuts = segment([counter.count(x) for x in sentences], heuristic_scores(sentences))
+        texts = [block_text(sentences, a, b) for a, b in cuts]
+        blocks += len(texts)
+        per_trace += sum(counter.count(m["content"]) for m in trace_prompt(raw.problem, texts))
+        system = counter.count(COMPRESS_SYSTEM)
+        per_block += sum(
+            system + counter.count(COMPRESS_USER.format(problem=raw.problem, block=t)) for t in texts
+        )
+    return {
+        "blocks": blocks,
+        "input_tokens_one_call_per_trace": per_trace,
+        "input_tokens_one_call_per_block": per_block,
+        "per_trace_over_per_block": round(per_trace / per_block, 4),
     }
 
 
@@ -98,7 +127,7 @@ def main() -> None:
     args = ap.parse_args()
     counter = RegexTokenCounter()
     traces = list(iter_traces(args.input, SourceConfig(), SourceReport()))[: args.traces]
-    result = {"cost": prompt_cost(traces, counter)}
+    result = {"scoring": prompt_cost(traces, counter), "compressor": compressor_cost(traces, counter)}
     if args.base_url:
         result["agreement"] = asyncio.run(live(traces, counter, args))
     print(json.dumps(result, indent=2))
