@@ -395,3 +395,6 @@ def test_full_run_with_openai_backend(fake, tmp_path):
     ]
     assert len(traces) == 2 and all(b.memento.startswith("refined") for t in traces for b in t.blocks)
     assert summary.stats["judge_pass_rate"] == 1.0
+    # the compressor's own mementos all scored 5 (< 8): 0% first pass, 100% after one refinement
+    assert summary.stats["judge_first_pass_rate"] == 0.0
+    assert [r for r, _ in fake.requests].count("compress_trace") == 2  # one compressor call per trace

@@ -136,3 +136,33 @@ def test_eval_masking_flags_refused_where_they_do_nothing(tmp_path, toy_model_di
         result = CliRunner().invoke(app, ["eval", str(bench), *extra, "-o", str(out)])
         assert result.exit_code == 2 and message in result.output, (extra, result.output)
         assert not out.exists()
+
+
+def test_responses_replay_counts_gb_by_layer_type(tmp_path, toy_model_dir, toy_tokenizer, markers):
+    # --responses with a tokenizer: the KV replay records the window traces too, and the summary's
+    # peak GB is memento.kv.analyse's bytes for the same tokens (3 layers of window 6 + 1 full).
+    trace = MementoTrace("q", (Block("a b c d e f g h", "s t"), Block("i j k l m n", "u")), "x")
+    bench = tmp_path / "toy.jsonl"
+    bench.write_text(json.dumps({"id": "a", "problem": "q", "answer": "5"}) + "\n")
+    resp = tmp_path / "r.jsonl"
+    resp.write_text(json.dumps({"id": "a", "mode": "memento", "response": trace.render()}) + "\n")
+    config = _sliding_config(tmp_path, 6)
+    out = tmp_path / "out"
+    args = ["eval", str(bench), "--responses", str(resp), "--tokenizer", str(toy_model_dir),
+            "--model-config", str(config), "-o", str(out), "--no-plots", "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "results.jsonl").read_text())
+    assert set(record["kv_runs_window"]) == {"6"}
+    prompt = toy_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}], add_generation_prompt=True, tokenize=False
+    )
+    p_ids = toy_tokenizer.encode(prompt)
+    ids = p_ids + toy_tokenizer.encode(trace.render())
+    from memento.kv import kv_shape
+
+    expected = analyse(ids, len(p_ids), markers, BlockMaskingConfig(), kv_shape(config)).memento_bytes
+    run = json.loads((out / "summary.json").read_text())["runs"]["memento"]
+    assert run["kv_gb_basis"] == "by layer type"
+    assert run["peak_kv_gb"] == pytest.approx(expected.peak / 1e9)
+    assert run["auc_kv_gb_ktok"] == pytest.approx(expected.auc / 1e12)
