@@ -14,7 +14,10 @@ EPS_LOW, EPS_HIGH, BETA = 0.2, 0.3, 0.1
 
 # Two responses: row 0 has 3 loss tokens, row 1 has 2 (its third slot is padding).
 LOGP = [[-1.0, -0.5, -2.0], [-0.3, -1.2, -7.0]]
-OLD = [[-1.5, 0.0, -2.0], [-0.4, -1.1, -0.1]]  # ratios e^0.5 (clipped high), e^-0.5 (clipped low), 1, e^0.1, e^-0.1
+OLD = [
+    [-1.5, 0.0, -2.0],
+    [-0.4, -1.1, -0.1],
+]  # ratios e^0.5 (clipped high), e^-0.5 (clipped low), 1, e^0.1, e^-0.1
 REF = [[-1.2, -0.4, -2.5], [-0.3, -1.0, -3.0]]
 ADV = [2.0, -1.0]
 MASK = [[1, 1, 1], [1, 1, 0]]

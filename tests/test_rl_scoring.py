@@ -34,7 +34,11 @@ def make_rows(tokenizer, markers, config, count=4, seed=0):
 
 @pytest.mark.parametrize(
     "config",
-    [BlockMaskingConfig(), BlockMaskingConfig(mask_delimiters=True), BlockMaskingConfig(keep_last_n_blocks=1)],
+    [
+        BlockMaskingConfig(),
+        BlockMaskingConfig(mask_delimiters=True),
+        BlockMaskingConfig(keep_last_n_blocks=1),
+    ],
     ids=["keep0", "mask_delimiters", "keep1"],
 )
 def test_kill_times_from_evictions_equal_masking_kill_times(toy_tokenizer, markers, config):

@@ -40,7 +40,9 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
         return found[-1][1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise ValueError(f"{path}: not an rl checkpoint (no {STATE_FILE}); pass 'latest' or a checkpoint-N dir")
+        raise ValueError(
+            f"{path}: not an rl checkpoint (no {STATE_FILE}); pass 'latest' or a checkpoint-N dir"
+        )
     return path
 
 

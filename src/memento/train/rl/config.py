@@ -77,9 +77,13 @@ class RLConfig:
         if not isinstance(self.masking, BlockMaskingConfig):
             raise ValueError(f"masking must be a dict of block-masking options, got {self.masking!r}")
         if self.masking.restart_mode:
-            raise ValueError("restart_mode has no single attention mask to score rollouts with; use mode memento")
+            raise ValueError(
+                "restart_mode has no single attention mask to score rollouts with; use mode memento"
+            )
         if self.max_block_tokens:
-            self.masking = BlockMaskingConfig.from_dict({**self.masking.to_dict(), "max_block_tokens": self.max_block_tokens})
+            self.masking = BlockMaskingConfig.from_dict(
+                {**self.masking.to_dict(), "max_block_tokens": self.max_block_tokens}
+            )
         for name, allowed in (("mode", MODES), ("scale_rewards", SCALES), ("attention", ATTENTION)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -24,7 +24,9 @@ def plot_curves(path: Path, train: list[dict], evals: list[dict], title: str = "
     if evals:
         a1.plot(esteps, [r["accuracy"] for r in evals], "o-", color="#9467bd", lw=1.5, ms=3,
                 label="accuracy (held-out, greedy)")  # fmt: skip
-        a2.plot(esteps, [r["well_formed"] for r in evals], "o-", color="#9467bd", lw=1.5, ms=3, label="held-out")
+        a2.plot(
+            esteps, [r["well_formed"] for r in evals], "o-", color="#9467bd", lw=1.5, ms=3, label="held-out"
+        )
         a3.plot(esteps, [r["peak_kv"] for r in evals], "o-", color="#9467bd", lw=1.5, ms=3,
                 label="peak KV, held-out")  # fmt: skip
     a1.set_ylim(-0.02, 1.02)

@@ -11,7 +11,7 @@ the optimizer state, so a resumed run takes exactly the step the uninterrupted r
 
 The consistency guard: on the first step of every invocation and every `guard_every` steps, the
 trainer's log-probs of the sampled tokens (before any update) are compared with the engine's; if
-their mean absolute difference exceeds `guard_tol` the run stops before updating (the trainer
+any differs by more than `guard_tol` the run stops before updating (the trainer
 would be optimising a different distribution from the one that sampled).
 """
 
@@ -70,8 +70,8 @@ def prompt_schedule(n_problems: int, step: int, per_step: int, seed: int) -> lis
 
 
 def step_seed(seed: int, step: int) -> int:
-    """The sampling seed of a step (the engine gives sample k of each prompt `seed + k`)."""
-    return (seed * 1_000_003 + step * 1_009) % (2**31)
+    """The first sampling seed of a step; its prompts and samples count up from it."""
+    return (seed * 1_000_003 + step * 100_003) % (2**31)
 
 
 class RLTrainer:
@@ -84,10 +84,16 @@ class RLTrainer:
         # Everything a user can get wrong is checked before a model is loaded or a file written.
         from memento.eval.benchmarks import load_benchmark
 
-        self.problems = load_benchmark(cfg.prompts).problems
+        try:
+            self.problems = load_benchmark(cfg.prompts).problems
+        except ValueError as exc:
+            raise ValueError(f"--prompts: {exc}") from exc
         self.eval_problems = ()
         if cfg.eval_prompts:
-            self.eval_problems = load_benchmark(cfg.eval_prompts, limit=cfg.eval_limit).problems
+            try:
+                self.eval_problems = load_benchmark(cfg.eval_prompts, limit=cfg.eval_limit).problems
+            except ValueError as exc:
+                raise ValueError(f"--eval-prompts: {exc}") from exc
         self.reward = RewardModel(load_answer_reward(cfg.reward), cfg.format_reward)
         if not Path(cfg.model).is_dir():
             raise ValueError(f"--model {cfg.model}: not a model directory")
@@ -134,7 +140,9 @@ class RLTrainer:
         try:
             MarkerIds.from_tokenizer(tokenizer)
         except ValueError as exc:
-            raise ValueError(f"--model {cfg.model}: {exc}; RL starts from a MEMENTO (Stage 2) checkpoint") from exc
+            raise ValueError(
+                f"--model {cfg.model}: {exc}; RL starts from a MEMENTO (Stage 2) checkpoint"
+            ) from exc
         ensure_chat_template(tokenizer)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -142,13 +150,17 @@ class RLTrainer:
         self.model, self.tokenizer = model, tokenizer
         self.ref_model = None
         if cfg.beta > 0:
-            ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa")
+            ref = AutoModelForCausalLM.from_pretrained(
+                cfg.model, dtype=torch.float32, attn_implementation="sdpa"
+            )
             self.ref_model = ref.to(device).eval().requires_grad_(False)
         self.attention = cfg.attention
         if self.attention == "auto":
             self.attention = "flex" if device.type == "cuda" and cfg.max_new_tokens > 4096 else "sdpa"
         if self.attention == "flex" and device.type != "cuda":
-            raise ValueError("--attention flex needs CUDA (flex_attention has no backward pass on CPU); use sdpa")
+            raise ValueError(
+                "--attention flex needs CUDA (flex_attention has no backward pass on CPU); use sdpa"
+            )
         self.engine = Engine(
             model,
             tokenizer,
@@ -193,7 +205,9 @@ class RLTrainer:
             evals.append(self.evaluate(0))
             self._append_metrics(evals[-1])
         for step in range(start + 1, cfg.steps + 1):
-            record = self.train_step(step, guard=(step == start + 1) or (cfg.guard_every and step % cfg.guard_every == 0))
+            record = self.train_step(
+                step, guard=(step == start + 1) or (cfg.guard_every and step % cfg.guard_every == 0)
+            )
             train.append(record)
             self._append_metrics(record)
             self.log(format_step(record, cfg.steps))
@@ -204,7 +218,13 @@ class RLTrainer:
             if step % cfg.save_steps == 0 or last:
                 state = {"settings": cfg.trajectory_settings(), "train": train, "evals": evals}
                 path = save_checkpoint(
-                    self.output_dir, step, self.model, self.tokenizer, self.optimizer, state, cfg.save_total_limit
+                    self.output_dir,
+                    step,
+                    self.model,
+                    self.tokenizer,
+                    self.optimizer,
+                    state,
+                    cfg.save_total_limit,
                 )
                 self.log(f"saved {path}")
         self.model.save_pretrained(self.output_dir)
@@ -239,13 +259,19 @@ class RLTrainer:
 
         cfg = self.cfg
         chosen = prompt_schedule(len(self.problems), step, cfg.prompts_per_step, cfg.seed)
-        params = SamplingParams(
-            temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
-            n=cfg.group_size,
-            seed=step_seed(cfg.seed, step),
-            logprobs=True,
-        )
+        # Own seeds per prompt (sample k of prompt i: base + i * group_size + k): with one seed for
+        # all prompts, a model that barely reads its prompt gives every prompt the same responses.
+        base = step_seed(cfg.seed, step)
+        params = [
+            SamplingParams(
+                temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens,
+                n=cfg.group_size,
+                seed=base + i * cfg.group_size,
+                logprobs=True,
+            )
+            for i in range(len(chosen))
+        ]
         outputs = self.engine.generate([self.prompt_ids[i] for i in chosen], params)
         rollouts = collect(self.engine, outputs, [self.problems[i].answer for i in chosen], self.reward)
         advantages = group_advantages([r.verdict.reward for r in rollouts], cfg.group_size, cfg.scale_rewards)
@@ -307,7 +333,9 @@ class RLTrainer:
                 totals.add(stats)
             if guard and u == 0 and not old:
                 self._check_guard(step, check)  # before the first update touches the weights
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)))
+            grad_norms.append(
+                float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+            )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         record = step_record(step, rollouts, totals, cfg)
@@ -331,11 +359,11 @@ class RLTrainer:
             f"guard step {step}: trainer vs engine log-probs on {summary['tokens']} sampled tokens: "
             f"mean |Δ| {summary['mean_abs']:.2e}, max |Δ| {summary['max_abs']:.2e}, KL {summary['kl']:.2e}"
         )
-        if summary["tokens"] and summary["mean_abs"] > self.cfg.guard_tol:
+        if summary["tokens"] and summary["max_abs"] > self.cfg.guard_tol:
             raise GuardError(
                 f"log-prob guard failed at step {step}: on {summary['tokens']} sampled tokens the trainer's "
-                f"log-probs differ from the engine's by mean |Δ| {summary['mean_abs']:.3e} "
-                f"(max {summary['max_abs']:.3e}, KL {summary['kl']:.3e}) > --guard-tol {self.cfg.guard_tol:g}; "
+                f"log-probs differ from the engine's by up to |Δ| {summary['max_abs']:.3e} "
+                f"(mean {summary['mean_abs']:.3e}, KL {summary['kl']:.3e}) > --guard-tol {self.cfg.guard_tol:g}; "
                 "the training forward does not see what the engine sampled from (mask, positions, "
                 "temperature or precision). Stopped before updating; the last checkpoint is intact."
             )
