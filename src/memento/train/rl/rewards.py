@@ -13,8 +13,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from memento.format import THINK_END, parse
 from memento.eval.grading import grade
+from memento.format import THINK_END, parse
 
 BUILTIN = ("exact", "math", "choice")
 
