@@ -115,9 +115,13 @@ def test_forced_tokens_carry_no_loss(sft_model, prompt_files, tmp_path):
     assert stats.tokens == sum(r.loss_tokens for r in rows) == int(mask.sum())
     assert torch.all(logp.grad[forced] == 0)
     assert torch.all(logp.grad[mask] != 0)
-    # and the step's normaliser counts sampled tokens only
-    record = trainer.train_step(2, guard=True)
-    assert record["loss_tokens"] == round(record["length"] * 12 - record["forced"] * 12)
+    # and a step's loss counts sampled tokens only (every response scored here)
+    cfg = config(sft_model, prompt_files, tmp_path / "all", max_block_tokens=3, score_zero_advantage=True)
+    trainer = RLTrainer(cfg)
+    trainer._load()
+    record = trainer.train_step(2)
+    assert record["forced"] > 0
+    assert record["loss_tokens"] == round((record["length"] - record["forced"]) * 12)
 
 
 def test_resume_takes_the_same_next_step(sft_model, prompt_files, tmp_path):

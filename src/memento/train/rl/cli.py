@@ -131,6 +131,7 @@ def rl_command(
         "eps_low": eps_low,
         "eps_high": eps_high,
         "scale_rewards": scale_rewards,
+        "score_zero_advantage": score_zero_advantage,
         "updates_per_step": updates_per_step,
         "micro_batch_size": micro_batch_size,
         "temperature": temperature,

@@ -50,6 +50,7 @@ class RLConfig:
     eps_low: float = 1.0
     eps_high: float = 4.0
     scale_rewards: str = "group"
+    score_zero_advantage: bool = False
     updates_per_step: int = 1
     micro_batch_size: int = 8
     temperature: float = 1.0
@@ -112,6 +113,8 @@ class RLConfig:
             )
         if self.resume is not None and not isinstance(self.resume, str):
             raise ValueError(f"resume must be 'latest' or a checkpoint path, got {self.resume!r}")
+        if not isinstance(self.score_zero_advantage, bool) or not isinstance(self.progress, bool):
+            raise ValueError("score_zero_advantage and progress must be true or false")
         for name in ("model", "prompts", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} is required")

@@ -290,25 +290,24 @@ class RLTrainer:
         # Whole groups per update; each update is normalised by its own loss-token count.
         per_update = math.ceil(len(rollouts) / cfg.group_size / cfg.updates_per_step) * cfg.group_size
         updates = [rollouts[i : i + per_update] for i in range(0, len(rollouts), per_update)]
-        needs_forward = lambda r: guard or cfg.beta > 0 or r.advantage != 0.0  # noqa: E731
-        old: dict[int, torch.Tensor] = {}
+        # A response with zero advantage (its group's rewards were all equal) has no policy gradient;
+        # unless score_zero_advantage keeps it for its KL term, it stays out of the loss and is not
+        # scored at all, except without gradient for the guard.
+        score_all = cfg.beta > 0 and cfg.score_zero_advantage
+        in_loss = lambda r: score_all or r.advantage != 0.0  # noqa: E731
         check = GuardStats()
+        if guard:
+            self._score_into(check, [r for r in rollouts if not in_loss(r)])
+        old: dict[int, torch.Tensor] = {}
         if cfg.updates_per_step > 1:  # later updates are off-policy: keep the pre-update log-probs
-            scored = [r for r in rollouts if needs_forward(r)]
-            with torch.no_grad():
-                for micro in _chunks(scored, cfg.micro_batch_size):
-                    logp = response_logprobs(self.model, self._batch(micro), cfg.temperature, self.attention)
-                    for r, row in zip(micro, logp, strict=True):
-                        old[id(r)] = row[: len(r.output_ids)]
-                        if guard:
-                            check.add(r, old[id(r)])
+            old = self._score_into(check if guard else None, [r for r in rollouts if in_loss(r)])
             if guard:
                 self._check_guard(step, check)
         totals = _Totals()
         grad_norms = []
         for u, chunk in enumerate(updates):
             normaliser = sum(r.loss_tokens for r in chunk)
-            for micro in _chunks([r for r in chunk if needs_forward(r)], cfg.micro_batch_size):
+            for micro in _chunks([r for r in chunk if in_loss(r)], cfg.micro_batch_size):
                 batch = self._batch(micro)
                 logp = response_logprobs(self.model, batch, cfg.temperature, self.attention)
                 width = batch.width
@@ -348,6 +347,19 @@ class RLTrainer:
         if guard:
             record["guard"] = check.summary()
         return record
+
+    @torch.no_grad()
+    def _score_into(self, check: GuardStats | None, rollouts: list[Rollout]) -> dict[int, torch.Tensor]:
+        """Log-probs of `rollouts` under the current policy, without gradient (by `id` of the
+        rollout); added to the guard's statistics when given."""
+        out = {}
+        for micro in _chunks(rollouts, self.cfg.micro_batch_size):
+            logp = response_logprobs(self.model, self._batch(micro), self.cfg.temperature, self.attention)
+            for r, row in zip(micro, logp, strict=True):
+                out[id(r)] = row[: len(r.output_ids)]
+                if check is not None:
+                    check.add(r, out[id(r)])
+        return out
 
     def _batch(self, rollouts: list[Rollout]):
         rows = [(r.prompt_ids, r.output_ids, r.evictions) for r in rollouts]
@@ -481,8 +493,10 @@ def format_step(record: dict, steps: int) -> str:
     )
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def _chunks(rollouts: list[Rollout], size: int) -> list[list[Rollout]]:
+    """Micro-batches of similar lengths (less padding); the order only changes float summation."""
+    ordered = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.output_ids))
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 def _pad(row: torch.Tensor, width: int) -> torch.Tensor:
