@@ -61,6 +61,11 @@ def rl_command(
     ),
     eps_high: float = typer.Option(None, "--eps-high", help="Weight clip: upper bound 1 + eps_high [4.0]."),
     scale_rewards: str = typer.Option(None, "--scale-rewards", help="group (divide by group std) | none."),
+    score_zero_advantage: bool = typer.Option(
+        None,
+        "--score-zero-advantage/--skip-zero-advantage",
+        help="Also score responses whose group rewards are all equal (only their KL term) [skip].",
+    ),
     updates_per_step: int = typer.Option(
         None, "--updates-per-step", help="Optimizer steps per rollout batch [1]."
     ),
