@@ -46,7 +46,17 @@ def _register_commands() -> None:
     from memento.train import cli as train_cli
     from memento.train.rl import cli as rl_cli
 
-    for module in (kv_cli, eval_cli, train_cli, rl_cli, annotate_cli, toy_cli, engine_cli, vllm_cli, serve_cli):
+    for module in (
+        kv_cli,
+        eval_cli,
+        train_cli,
+        rl_cli,
+        annotate_cli,
+        toy_cli,
+        engine_cli,
+        vllm_cli,
+        serve_cli,
+    ):
         module.register(app)
 
 

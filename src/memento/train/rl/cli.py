@@ -87,7 +87,6 @@ def rl_command(
     rollout_batch_size: int = typer.Option(
         None, "--rollout-batch-size", help="Requests decoded at once [64]."
     ),
-    attention: str = typer.Option(None, "--attention", help="auto | sdpa | flex (CUDA) [auto]."),
     guard_every: int = typer.Option(
         None, "--guard-every", help="Log-prob guard every N steps (0: first only) [10]."
     ),
@@ -145,7 +144,6 @@ def rl_command(
         "mode": mode,
         "kv_budget_tokens": kv_budget_tokens,
         "rollout_batch_size": rollout_batch_size,
-        "attention": attention,
         "guard_every": guard_every,
         "guard_tol": guard_tol,
         "save_steps": save_steps,
@@ -156,7 +154,9 @@ def rl_command(
         "threads": threads,
         "progress": progress,
     }
-    try:
+    from memento.user_errors import reported
+
+    with reported("rl", resume="rerun the same command with --resume latest to continue"):
         from memento.train.cli import parse_masking
 
         masking = parse_masking(masking_config) if masking_config else {}
@@ -165,22 +165,14 @@ def rl_command(
         if mask_delimiters is not None:
             masking["mask_delimiters"] = mask_delimiters
         cfg = build_config(config, flags, masking)
-        from memento.train.rl.trainer import RLTrainer
+        from memento.train.rl.trainer import GuardError, RLTrainer
 
         trainer = RLTrainer(cfg, log=typer.echo if cfg.progress and not as_json else None)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    from memento.train.rl.trainer import GuardError
-
-    try:
-        result = trainer.run()
-    except ValueError as exc:  # a model directory that does not load, markers missing
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    except GuardError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+        try:
+            result = trainer.run()
+        except GuardError as exc:  # not a usage error: the run itself found an inconsistency
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
     else:
@@ -191,14 +183,12 @@ def rl_command(
 
 def _run_demo(out: Path, seed: int | None, threads: int | None, smoke: bool, as_json: bool) -> None:
     from memento.toy.rl_demo import RLDemoConfig, run_rl_demo
+    from memento.user_errors import reported
 
-    try:
+    with reported("rl --demo", resume="rerun the same command: finished stages and RL steps are kept"):
         cfg = RLDemoConfig(out=out, seed=0 if seed is None else seed, threads=threads or 1,
                            profile="smoke" if smoke else "default")  # fmt: skip
         report = run_rl_demo(cfg, log=None if as_json else typer.echo)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
     if as_json:
         typer.echo(json.dumps(report))
 

@@ -16,7 +16,6 @@ from memento.masking import BlockMaskingConfig
 
 MODES = ("memento", "full")
 SCALES = ("group", "none")
-ATTENTION = ("auto", "sdpa", "flex")
 
 # Options that may change between a run and its resumption without changing what the next step does.
 RESUMABLE_CHANGES = frozenset(
@@ -60,7 +59,6 @@ class RLConfig:
     masking: BlockMaskingConfig = field(default_factory=BlockMaskingConfig)
     kv_budget_tokens: int | None = None
     rollout_batch_size: int = 64
-    attention: str = "auto"
     eval_every: int = 10
     guard_every: int = 10
     guard_tol: float = 1e-4
@@ -85,7 +83,7 @@ class RLConfig:
             self.masking = BlockMaskingConfig.from_dict(
                 {**self.masking.to_dict(), "max_block_tokens": self.max_block_tokens}
             )
-        for name, allowed in (("mode", MODES), ("scale_rewards", SCALES), ("attention", ATTENTION)):
+        for name, allowed in (("mode", MODES), ("scale_rewards", SCALES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("group_size", "prompts_per_step", "steps", "updates_per_step", "micro_batch_size",

@@ -11,7 +11,6 @@ The policy, the old policy and the reference model are all scored through this o
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,49 +80,25 @@ def build_batch(
     return ScoringBatch(input_ids, padded_kill_times(kills, length), prompt_lens, response_lens)
 
 
-@contextlib.contextmanager
-def attention_backend(model, name: str | None):
-    """Run the model's attention layers with `name` for the duration (restored afterwards)."""
-    if name is None:
-        yield
-        return
-    config = model.config
-    saved = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = saved
-
-
-def response_logprobs(
-    model, batch: ScoringBatch, temperature: float = 1.0, attention: str = "sdpa"
-) -> torch.Tensor:
+def response_logprobs(model, batch: ScoringBatch, temperature: float = 1.0, swap=None) -> torch.Tensor:
     """(B, width) log pi(response token | everything the engine let it see), at `temperature`
     (the distribution the engine sampled from); 0 on padding. Differentiable w.r.t. the model.
 
-    `attention`: "sdpa" = dense bool mask through memento's causal-chunked sdpa; "flex" = a
-    flex_attention BlockMask built from the kill times (GPU, long rows)."""
+    The mask is dense `(B, 1, L, L)`, run through `memento_sdpa` (`memento.hf.AttentionSwap`, pass
+    one to reuse it); on long rows this is O(L^2) memory per row."""
+    from memento.hf import AttentionSwap
+
     if temperature <= 0:
         raise ValueError(f"scoring needs a temperature > 0, got {temperature}")
+    swap = swap or AttentionSwap(model)
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
     rows, length = input_ids.shape
-    kill = batch.kill.to(device)
-    if attention == "flex":
-        from memento.train.flex import block_mask_from_kill_times
-
-        mask, backend = block_mask_from_kill_times(kill), "flex_attention"
-    elif attention == "sdpa":
-        from memento.train.attention import register
-
-        mask, backend = dense_mask_from_kill_times(kill), register()
-    else:
-        raise ValueError(f"attention must be sdpa or flex, got {attention!r}")
+    mask = dense_mask_from_kill_times(batch.kill.to(device))
     # Only logits that predict a response token are needed: positions >= shortest prompt - 1.
     first = min(batch.prompt_lens) - 1
     keep = length - first
-    with attention_backend(model, backend):
+    with swap.active():
         out = model(
             input_ids=input_ids,
             position_ids=torch.arange(length, device=device).expand(rows, length),

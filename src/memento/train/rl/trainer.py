@@ -83,7 +83,14 @@ class RLTrainer:
         self.output_dir = Path(cfg.output_dir)
         # Everything a user can get wrong is checked before a model is loaded or a file written.
         from memento.eval.benchmarks import load_benchmark
+        from memento.user_errors import check_device, check_input_file, check_model_dir, check_output_dir
 
+        check_model_dir(cfg.model)
+        check_input_file(cfg.prompts, "--prompts")
+        if cfg.eval_prompts:
+            check_input_file(cfg.eval_prompts, "--eval-prompts")
+        check_output_dir(cfg.output_dir)
+        check_device(cfg.device)
         try:
             self.problems = load_benchmark(cfg.prompts).problems
         except ValueError as exc:
@@ -95,8 +102,6 @@ class RLTrainer:
             except ValueError as exc:
                 raise ValueError(f"--eval-prompts: {exc}") from exc
         self.reward = RewardModel(load_answer_reward(cfg.reward), cfg.format_reward)
-        if not Path(cfg.model).is_dir():
-            raise ValueError(f"--model {cfg.model}: not a model directory")
         self.resume_from = resolve_resume(cfg.resume, self.output_dir)
         self._check_output_dir()
 
@@ -154,13 +159,10 @@ class RLTrainer:
                 cfg.model, dtype=torch.float32, attn_implementation="sdpa"
             )
             self.ref_model = ref.to(device).eval().requires_grad_(False)
-        self.attention = cfg.attention
-        if self.attention == "auto":
-            self.attention = "flex" if device.type == "cuda" and cfg.max_new_tokens > 4096 else "sdpa"
-        if self.attention == "flex" and device.type != "cuda":
-            raise ValueError(
-                "--attention flex needs CUDA (flex_attention has no backward pass on CPU); use sdpa"
-            )
+        from memento.hf import AttentionSwap
+
+        self.swap = AttentionSwap(model)
+        self.ref_swap = AttentionSwap(self.ref_model) if self.ref_model is not None else None
         self.engine = Engine(
             model,
             tokenizer,
@@ -309,7 +311,7 @@ class RLTrainer:
             normaliser = sum(r.loss_tokens for r in chunk)
             for micro in _chunks([r for r in chunk if in_loss(r)], cfg.micro_batch_size):
                 batch = self._batch(micro)
-                logp = response_logprobs(self.model, batch, cfg.temperature, self.attention)
+                logp = response_logprobs(self.model, batch, cfg.temperature, self.swap)
                 width = batch.width
                 if old:
                     old_logp = torch.stack([_pad(old[id(r)], width) for r in micro]).to(logp.device)
@@ -321,7 +323,7 @@ class RLTrainer:
                 ref_logp = None
                 if self.ref_model is not None:
                     with torch.no_grad():
-                        ref_logp = response_logprobs(self.ref_model, batch, cfg.temperature, self.attention)
+                        ref_logp = response_logprobs(self.ref_model, batch, cfg.temperature, self.ref_swap)
                 mask = torch.stack([_pad(torch.tensor(r.loss_mask), width) for r in micro]).to(logp.device)
                 adv = torch.tensor([r.advantage for r in micro], dtype=logp.dtype, device=logp.device)
                 loss, stats = cispo_loss(
@@ -354,7 +356,7 @@ class RLTrainer:
         rollout); added to the guard's statistics when given."""
         out = {}
         for micro in _chunks(rollouts, self.cfg.micro_batch_size):
-            logp = response_logprobs(self.model, self._batch(micro), self.cfg.temperature, self.attention)
+            logp = response_logprobs(self.model, self._batch(micro), self.cfg.temperature, self.swap)
             for r, row in zip(micro, logp, strict=True):
                 out[id(r)] = row[: len(r.output_ids)]
                 if check is not None:
