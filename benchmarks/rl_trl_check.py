@@ -62,7 +62,7 @@ def tiny_memento_model(root: Path) -> Path:
     save_toy_model(root / "init", tokenizer, model)
     write_traces(root / "traces.jsonl", count_traces(400, 0))
     cfg = SFTConfig(model=str(root / "init"), data=str(root / "traces.jsonl"), output_dir=str(root / "sft"),
-                    stage="memento", max_steps=100, lr=2e-2, batch_size=16, warmup_ratio=0.1, progress=False,
+                    stage="memento", max_steps=100, lr=2e-2, batch_size=16, grad_accum=1, warmup_ratio=0.1, progress=False,
                     save_steps=10**6)  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         train(cfg)

@@ -38,7 +38,7 @@ def sft_model(tmp_path_factory) -> Path:
     save_toy_model(root / "init", tokenizer, model)
     write_traces(root / "traces.jsonl", make_traces(400, seed=0))
     cfg = SFTConfig(model=str(root / "init"), data=str(root / "traces.jsonl"), output_dir=str(root / "sft"),
-                    stage="memento", max_steps=100, lr=2e-2, batch_size=16, warmup_ratio=0.1,
+                    stage="memento", max_steps=100, lr=2e-2, batch_size=16, grad_accum=1, warmup_ratio=0.1,
                     progress=False, save_steps=10_000)  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         train(cfg)
