@@ -101,7 +101,7 @@ def test_cli_errors_name_the_record(tmp_path):
     result = runner.invoke(app, ["kv", str(bad)])
     assert result.exit_code == 2 and "bad.jsonl:2" in result.output
     result = runner.invoke(app, ["kv", str(tmp_path / "missing.jsonl")])
-    assert result.exit_code == 2 and "cannot read" in result.output
+    assert result.exit_code == 2 and "missing.jsonl: no such file" in result.output
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "<think><|block_start|>a b c"}\n')
     result = runner.invoke(app, ["kv", str(broken)])

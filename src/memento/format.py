@@ -247,7 +247,11 @@ def segments_to_trace(record: dict, source: str = "<record>") -> MementoTrace:
     pending: str | None = None
     answer = ""
     for i, seg in enumerate(segments):
+        if not isinstance(seg, dict):
+            raise ValueError(f"{source}: segment {i} is {type(seg).__name__}, expected an object")
         kind, content = seg.get("type"), seg.get("text", seg.get("content", ""))
+        if not isinstance(content, str):
+            raise ValueError(f"{source}: segment {i} text is {type(content).__name__}, expected a string")
         if kind == "block":
             if pending is not None:
                 blocks.append(Block(pending, ""))
@@ -263,7 +267,10 @@ def segments_to_trace(record: dict, source: str = "<record>") -> MementoTrace:
             raise ValueError(f"{source}: segment {i} has unknown type {kind!r}")
     if pending is not None:
         blocks.append(Block(pending, ""))
-    return MementoTrace(str(record.get("problem", "")), tuple(blocks), answer)
+    problem = record.get("problem", "")
+    if not isinstance(problem, str):
+        raise ValueError(f"{source}: 'problem' must be a string, got {type(problem).__name__}")
+    return MementoTrace(problem, tuple(blocks), answer)
 
 
 def read_traces(path: str | Path) -> list[MementoTrace]:

@@ -23,26 +23,37 @@ class Generation:
 
 
 def _record_to_generation(record: object, name: str) -> Generation:
+    """One generation from a record; errors say what is wrong (the caller adds where)."""
     if not isinstance(record, dict):
-        raise ValueError(f"{name}: expected a JSON object, got {type(record).__name__}")
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     if "segments" in record:
-        trace = segments_to_trace(record, source=name)
+        trace = segments_to_trace(record, source="record")
         return Generation(name, trace.render(), ({"role": "user", "content": trace.problem},))
     if "blocks" in record and "problem" in record:
         trace = MementoTrace.from_dict(record)
         return Generation(name, trace.render(), ({"role": "user", "content": trace.problem},))
     if isinstance(record.get("messages"), list):
         messages = record["messages"]
-        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
-            raise ValueError(f"{name}: 'messages' must end with the assistant's generation")
-        return Generation(name, str(messages[-1].get("content", "")), tuple(messages[:-1]))
+        for i, m in enumerate(messages):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
+                raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("'messages' must end with the assistant's generation")
+        return Generation(name, messages[-1]["content"], tuple(messages[:-1]))
     if isinstance(record.get("text"), str):
+        for field in ("prompt", "problem"):
+            if field in record and not isinstance(record[field], str):
+                raise ValueError(f"{field!r} must be a string, got {type(record[field]).__name__}")
         if isinstance(record.get("prompt"), str):
             return Generation(name, record["text"], raw_prompt=record["prompt"])
         problem = record.get("problem", "")
-        return Generation(name, record["text"], ({"role": "user", "content": str(problem)},))
+        return Generation(name, record["text"], ({"role": "user", "content": problem},))
     raise ValueError(
-        f"{name}: no generation found; expected a 'text' field, chat 'messages', a Memento trace "
+        "no generation found; expected a 'text' string, chat 'messages', a Memento trace "
         "('problem' + 'blocks'), or 'segments'"
     )
 
@@ -51,25 +62,31 @@ def load_generations(path: Path) -> list[Generation]:
     """Read JSONL (one generation per line) or a JSON file (one record or a list of records)."""
     if path.suffix == ".json":
         try:
-            raw = path.read_text()
+            data = json.loads(path.read_bytes().decode("utf-8"))
         except OSError as exc:
-            raise ValueError(f"{path}: cannot read: {exc}") from exc
-        try:
-            data = json.loads(raw)
+            raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); expected JSON") from None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
         records = data if isinstance(data, list) else [data]
-        return [
-            _record_to_generation(r, f"{path}[{i}]" if len(records) > 1 else str(path))
-            for i, r in enumerate(records)
-        ]
+        if not records:
+            raise ValueError(f"{path}: an empty list; nothing to account for")
+        out = []
+        for i, r in enumerate(records):
+            where = f"{path}[{i}]" if len(records) > 1 else str(path)
+            try:
+                out.append(_record_to_generation(r, where))
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        return out
     out = []
     for where, record in read_jsonl(path):
         name = str(record.get("id", Path(where).name)) if isinstance(record, dict) else where
         try:
             out.append(_record_to_generation(record, name))
         except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from exc
+            raise ValueError(f"{where}: {exc}") from None
     if not out:
         raise ValueError(f"{path}: no records found")
     return out
@@ -101,6 +118,7 @@ def _plot(path: Path, name: str, result) -> None:
 
 
 def kv(
+    ctx: typer.Context,
     input_file: Path = typer.Argument(
         ..., help="JSONL of generations (text / messages / traces) or a segments JSON."
     ),
@@ -125,15 +143,25 @@ def kv(
     plot_index: int = typer.Option(0, "--plot-index", help="Which generation to plot (0-based)."),
 ) -> None:
     """Offline KV accounting: full-attention vs MEMENTO peak and AUC KV, compression, bytes."""
-    from rich.console import Console
     from rich.table import Table
 
+    from memento.console import console
     from memento.kv import analyse, kv_shape, summarize_traces
     from memento.masking import BlockMaskingConfig
     from memento.tokens import MarkerIds
+    from memento.user_errors import UsageError, check_input_file, reported
 
-    err = Console(stderr=True)
-    try:
+    with reported("kv"):
+        if model_config is not None and preset is not None:
+            raise UsageError("give at most one of --model-config and --preset")
+        source = ctx.get_parameter_source("plot_index")
+        if plot is None and source is not None and source.name == "COMMANDLINE":
+            raise UsageError("--plot-index picks the generation drawn by --plot; pass --plot FILE.png too")
+        if plot is not None:
+            _check_plot_path(plot)
+        if tokenizer is not None and not Path(tokenizer).is_dir():
+            raise UsageError(f"--tokenizer {tokenizer}: no such directory")
+        check_input_file(input_file, "input")
         config = BlockMaskingConfig(
             keep_last_n_blocks=keep_last_n_blocks,
             mask_delimiters=mask_delimiters,
@@ -142,40 +170,38 @@ def kv(
         shape = kv_shape(model_config, None) if model_config else kv_shape(None, preset) if preset else None
         generations = load_generations(input_file)
         if plot is not None and not 0 <= plot_index < len(generations):
-            raise ValueError(
+            raise UsageError(
                 f"--plot-index {plot_index} is out of range: the file has {len(generations)} generations"
             )
         tok = _load_tokenizer(tokenizer)
         markers = MarkerIds.from_tokenizer(tok)
-    except ValueError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    if tokenizer is None:
-        err.print(
-            "[yellow]note:[/yellow] using the built-in toy tokenizer: token counts are approximate; pass --tokenizer DIR"
-        )
-
-    results = []
-    for gen in generations:
-        _, problems = parse(gen.text)
-        for problem in problems:
-            err.print(
-                f"[yellow]warning:[/yellow] {gen.name}: format problem {problem.kind} at character {problem.offset}"
+        if tokenizer is None:
+            typer.echo(
+                "note: using the built-in toy tokenizer: token counts are approximate; pass --tokenizer DIR",
+                err=True,
             )
-        prompt_ids = tok.encode(_prompt_text(tok, gen), add_special_tokens=False)
-        output_ids = tok.encode(gen.text, add_special_tokens=False)
-        if not prompt_ids or not output_ids:
-            err.print(f"[yellow]warning:[/yellow] {gen.name}: empty prompt or generation, skipped")
-            continue
-        results.append((gen, analyse(prompt_ids + output_ids, len(prompt_ids), markers, config, shape)))
-    if not results:
-        err.print("[red]error:[/red] nothing to account for")
-        raise typer.Exit(2)
 
-    totals = summarize_traces([r for _, r in results], shape)
-    if plot is not None:
-        gen, result = results[min(plot_index, len(results) - 1)]
-        _plot(plot, gen.name, result)
+        results = []
+        for gen in generations:
+            _, problems = parse(gen.text)
+            for problem in problems:
+                typer.echo(
+                    f"warning: {gen.name}: format problem {problem.kind} at character {problem.offset}",
+                    err=True,
+                )
+            prompt_ids = tok.encode(_prompt_text(tok, gen), add_special_tokens=False)
+            output_ids = tok.encode(gen.text, add_special_tokens=False)
+            if not prompt_ids or not output_ids:
+                typer.echo(f"warning: {gen.name}: empty prompt or generation, skipped", err=True)
+                continue
+            results.append((gen, analyse(prompt_ids + output_ids, len(prompt_ids), markers, config, shape)))
+        if not results:
+            raise UsageError(f"{input_file}: nothing to account for (every generation was empty)")
+
+        totals = summarize_traces([r for _, r in results], shape)
+        if plot is not None:
+            gen, result = results[min(plot_index, len(results) - 1)]
+            _plot(plot, gen.name, result)
     if as_json:
         per_trace = [{"name": gen.name, **r.summary()} for gen, r in results]
         typer.echo(json.dumps({"config": config.to_dict(), "traces": per_trace, "total": totals}, indent=2))
@@ -185,11 +211,14 @@ def kv(
         title=f"KV accounting ({len(results)} generations, keep_last_n_blocks={keep_last_n_blocks})"
     )
     for col in ("trace", "gen tok", "blocks", "full peak", "memento peak", "peak ×", "AUC ×", "compression"):
-        table.add_column(col, justify="right" if col != "trace" else "left")
+        if col == "trace":  # a long name wraps on a narrow terminal; it is never cut
+            table.add_column(col, justify="left", overflow="fold")
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
     for gen, r in results:
         s = r.summary()
         table.add_row(
-            gen.name[:40],
+            gen.name,
             str(r.generated_tokens),
             str(r.blocks),
             str(r.full_peak),
@@ -198,19 +227,36 @@ def kv(
             f"{1 / s['auc_ratio']:.2f}" if s["auc_ratio"] else "-",
             f"{r.compression:.1%}",
         )
-    console = Console()
-    console.print(table)
-    console.print(
+    out = console()
+    out.print(table)
+    out.print(
         f"total: peak KV {totals['full_peak_kv']} → {totals['memento_peak_kv']} tokens "
         f"({totals['peak_reduction']:.2f}× lower), AUC {totals['auc_reduction']:.2f}× lower, "
         f"compression {totals['compression']:.1%}"
     )
     if shape is not None:
-        console.print(
+        out.print(
             f"bytes ({shape.name}: {shape.describe()}, {shape.bytes_per_layer_token // 1024} KiB per token "
             f"per layer): peak {totals['full_peak_bytes'] / 2**30:.3f} GiB full attention vs "
             f"{totals['memento_peak_bytes'] / 2**30:.3f} GiB MEMENTO = {totals['peak_bytes_ratio']:.2f}× "
             "(largest single generation; sliding-window layers count at most their window)"
+        )
+
+
+_PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def _check_plot_path(plot: Path) -> None:
+    """--plot must name a new or existing image file in an existing folder (checked before work)."""
+    from memento.user_errors import UsageError
+
+    if plot.is_dir():
+        raise UsageError(f"--plot {plot}: is a directory; give a file name such as {plot / 'kv.png'}")
+    if not plot.parent.is_dir():
+        raise UsageError(f"--plot {plot}: the folder {plot.parent} does not exist")
+    if plot.suffix.lower() not in _PLOT_FORMATS:
+        raise UsageError(
+            f"--plot {plot}: unknown image format; end the name with one of {', '.join(_PLOT_FORMATS)}"
         )
 
 
@@ -223,8 +269,8 @@ def _load_tokenizer(path: str | None):
 
     try:
         tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load a tokenizer from {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
+        raise ValueError(f"--tokenizer {path}: cannot load a tokenizer ({exc})") from None
     from memento.tokens import ensure_chat_template
 
     ensure_chat_template(tok)

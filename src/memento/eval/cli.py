@@ -316,6 +316,9 @@ def _evaluate(ctx: typer.Context, **a) -> dict:
 
         records = read_all_responses(responses, bench, a["mode"][0] if a["mode"] else None)
         retok = Retokenizer(a["tokenizer"], a["prompt_template"]) if a["tokenizer"] else None
+        if retok is not None:  # ids from another vocabulary: refused before anything is written
+            for r in records:
+                retok.check_ids((r.prompt_ids or []) + (r.token_ids or []), r.where)
         if retok is None and any(r.token_ids is not None for r in records):
             typer.echo("note: token_ids are ignored without --tokenizer (needed for the markers)", err=True)
         if a["overwrite"] and results_path.exists():

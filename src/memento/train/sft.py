@@ -182,9 +182,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON config file into a dict (validated later by `SFTConfig.from_dict`)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
-        raise ValueError(f"{path}: cannot read config file: {exc}") from exc
+        raise ValueError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not valid text (byte {exc.start} is not UTF-8); expected YAML or JSON") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
