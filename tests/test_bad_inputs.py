@@ -16,7 +16,8 @@ Adding a command (``serve``, ``probe``, ``rl``, ...) means adding rows, nothing 
     Row("probe", "missing model", "probe --model {missing} -o {out}", 2, "no such directory"),
 
 ``argv`` is split with shlex after filling the placeholders: ``{out}`` (a folder that does not
-exist yet), ``{model}`` (the toy checkpoint), ``{tmp}`` (the scratch folder) and every name in
+exist yet), ``{model}`` (the toy checkpoint; ``{short_model}`` knows only 64 positions), ``{tmp}``
+(the scratch folder) and every name in
 ``FILES`` (``{empty}``, ``{binary}``, ``{bench}``, ...; add a file there when a new class needs
 one). Rows run in-process and most stop before any model loads, so the table stays fast; a row
 that must load a model uses the tiny toy checkpoint. ``COUNTS`` at the bottom tallies rows per
@@ -34,7 +35,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from engine_helpers import one_thread  # noqa: F401 (fixture)
 from memento.cli import app
+from memento.toy import make_toy_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only contends
 
 CJK = "这是一个中文推理过程，我们一步一步计算。"
 THINK = "Let me add 2 and 3. That gives 5. Wait, check: 2 + 3 = 5. So the answer is 5.\n\n" * 3
@@ -48,7 +53,9 @@ def _trace(**over) -> dict:
     return {"id": "t0", "problem": "Add 2 and 3.", "cot": f"<think>{THINK}</think>The answer is 5.", **over}
 
 
-BENCH = _jsonl({"id": "a", "problem": "Add 2 and 3.", "answer": "5"}, {"id": "b", "problem": "4+4?", "answer": "8"})
+BENCH = _jsonl(
+    {"id": "a", "problem": "Add 2 and 3.", "answer": "5"}, {"id": "b", "problem": "4+4?", "answer": "8"}
+)
 MEMENTO_TRACE = {"problem": "Add.", "blocks": [{"reasoning": "2 + 3 = 5", "memento": "5"}], "answer": "5"}
 
 # name -> file content (str: UTF-8 text; bytes: written as is; None: a directory)
@@ -83,7 +90,9 @@ FILES: dict[str, str | bytes | None] = {
     "bench_problem_int": _jsonl({"id": "a", "problem": 7, "answer": "5"}),
     "bench_answer_dict": _jsonl({"id": "a", "problem": "p", "answer": {"x": 1}}),
     "bench_answer_null": _jsonl({"id": "a", "problem": "p", "answer": None}),
-    "bench_dup": _jsonl({"id": "a", "problem": "p", "answer": "1"}, {"id": "a", "problem": "q", "answer": "2"}),
+    "bench_dup": _jsonl(
+        {"id": "a", "problem": "p", "answer": "1"}, {"id": "a", "problem": "q", "answer": "2"}
+    ),
     "bench_cjk": _jsonl({"id": "c", "problem": CJK, "answer": "5"}),
     "resp": _jsonl({"id": "a", "response": "\\boxed{5}"}, {"id": "b", "response": "\\boxed{8}"}),
     "resp_cjk": _jsonl({"id": "c", "response": CJK + " \\boxed{5}"}),
@@ -116,7 +125,7 @@ FILES: dict[str, str | bytes | None] = {
     "prompts_msg_str": _jsonl({"messages": ["hi"]}),
     "prompts_empty_prompt": _jsonl({"prompt": ""}),
     "prompts_cjk": _jsonl({"messages": [{"role": "user", "content": CJK}]}),
-    "prompts_long": _jsonl({"prompt": "a " * 4200}),
+    "prompts_long": _jsonl({"prompt": "a " * 80}),
     "replay_none": _jsonl({"nothing": 1}),
     "replay_ids_str": _jsonl({"token_ids": ["1", "2", "3"]}),
     "replay_ids_float": _jsonl({"token_ids": [1.5, 2, 3]}),
@@ -132,7 +141,7 @@ FILES: dict[str, str | bytes | None] = {
     "replay_text_int": _jsonl({"text": 5}),
     "replay_prompt_int": _jsonl({"text": "a", "prompt": 5}),
     "replay_bad_trace": _jsonl({"problem": "p", "blocks": [{"reasoning": 1}]}),
-    "replay_cjk": _jsonl({"text": f"<think><|block_start|>{CJK}<|block_end|></think>5"}),
+    "replay_cjk": _jsonl({"text": "<think><|block_start|>中文<|block_end|></think>5"}),
     # kv
     "gen": _jsonl({"id": "g", "text": "<think><|block_start|>a b<|block_end|></think>5"}),
     "gen_cjk": _jsonl({"id": "g", "text": f"<think><|block_start|>{CJK}<|block_end|></think>5"}),
@@ -167,6 +176,7 @@ class Row:
 
 
 R = Row
+# fmt: off
 ROWS: list[Row] = [
     # ---------------------------------------------------------------- annotate
     R("annotate", "missing file", "annotate {tmp}/missing.jsonl -o {out}", 2, "does not exist"),
@@ -267,7 +277,7 @@ ROWS: list[Row] = [
     R("eval", "--model-config and --kv-preset", "eval {bench} --responses {resp} -o {out} --model-config {kvconfig_json} --kv-preset qwen3-8b", 2, "at most one"),
     R("eval", "--kv-preset unknown", "eval {bench} --responses {resp} -o {out} --kv-preset nope", 2, "nope"),
     R("eval", "--model-config missing", "eval {bench} --responses {resp} -o {out} --model-config {tmp}/c.json", 2, "c.json"),
-    R("eval", "--model-config lacks keys", "eval {bench} --responses {resp} -o {out} --model-config {kvconfig_json}", 2, "num_hidden_layers"),
+    R("eval", "--model-config lacks keys", "eval {bench} --responses {resp} -o {out} --model-config {kvconfig_json}", 2, "model config lacks"),
     R("eval", "--prompt-template without {problem}", "eval {bench} --responses {resp} -o {out} --prompt-template hi", 2, "{problem}"),
     R("eval", "-o is a file", "eval {bench} --responses {resp} -o {afile}", 2, "is a file"),
     R("eval", "--model missing", "eval {bench} --model {tmp}/nope -o {out}", 2, "no such directory"),
@@ -342,7 +352,7 @@ ROWS: list[Row] = [
     R("generate", "--model without tokenizer", "generate --model {tmp}/notok --prompt hi", 2, "no tokenizer files"),
     R("generate", "unknown flag", "generate --model {model} --prompt hi --colour blue", 2, "No such option"),
     R("generate", "CJK prompt (works)", "generate --model {model} --prompts {prompts_cjk} --max-new-tokens 2", 0, "tokens"),
-    R("generate", "prompt past max positions (warns)", "generate --model {model} --prompts {prompts_long} --max-new-tokens 1", 0, "max_position_embeddings"),
+    R("generate", "prompt past max positions (warns)", "generate --model {short_model} --prompts {prompts_long} --max-new-tokens 1", 0, "max_position_embeddings"),
     # ---------------------------------------------------------------- bench
     R("bench", "neither --model nor --toy", "bench --replay {gen}", 2, "exactly one of --model"),
     R("bench", "--model and --toy", "bench --replay {gen} --toy --model {model}", 2, "exactly one of --model"),
@@ -382,7 +392,7 @@ ROWS: list[Row] = [
     R("bench", "--model a hub id", "bench --replay {gen} --model Qwen/Qwen3-0.6B", 2, "downloads nothing"),
     R("bench", "--model not a model", "bench --replay {gen} --model {nomodel}", 2, "no config.json"),
     R("bench", "unknown flag", "bench --replay {gen} --toy --colour blue", 2, "No such option"),
-    R("bench", "CJK text (works)", "bench --replay {replay_cjk} --toy --json", 0, ""),
+    R("bench", "CJK text (works)", "bench --replay {replay_cjk} --model {model} --modes memento --json", 0, ""),
     # ---------------------------------------------------------------- kv
     R("kv", "file missing", "kv {tmp}/g.jsonl", 2, "no such file"),
     R("kv", "file empty", "kv {empty}", 2, "the file is empty"),
@@ -523,7 +533,10 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("bad_inputs")
-    return root, _write_files(root)
+    files = _write_files(root)
+    # {short_model}: a toy checkpoint trained on 64 positions, for the position-limit warning
+    files["short_model"] = str(make_toy_checkpoint(tmp_path_factory.mktemp("short") / "m", max_position=64))
+    return root, files
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r.command}: {r.case}" for r in ROWS])

@@ -36,19 +36,15 @@ def demo_command(
     from rich.console import Console
 
     from memento.toy.demo import DemoConfig, Ui, run_demo
+    from memento.user_errors import check_output_dir, reported
 
     profile = "smoke" if smoke else "quick" if quick else "default"
-    try:
+    with reported("demo", resume=f"rerun the same command to resume after the last finished stage in {out}"):
+        check_output_dir(out, "--out")
         cfg = DemoConfig(out=out, profile=profile, scale=scale, seed=seed, threads=threads)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    # Bound to the real stream: the demo silences library prints by redirecting sys.stdout.
-    console = Console(file=sys.stderr if as_json else sys.stdout)
-    try:
+        # Bound to the real stream: the demo silences library prints by redirecting sys.stdout.
+        console = Console(file=sys.stderr if as_json else sys.stdout)
         report = run_demo(cfg, Ui(console=console))
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

@@ -186,7 +186,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ValueError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not valid text (byte {exc.start} is not UTF-8); expected YAML or JSON") from None
+        raise ValueError(
+            f"{path}: not valid text (byte {exc.start} is not UTF-8); expected YAML or JSON"
+        ) from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
