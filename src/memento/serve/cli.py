@@ -11,6 +11,8 @@ import typer
 
 from memento.user_errors import UsageError, check_count, check_device, check_dtype, check_model_dir, fail
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
 
 def _masking(text: str, mode: str):
     from memento.masking import MODES, BlockMaskingConfig
@@ -86,6 +88,8 @@ def serve(
         check_count(threads, "--threads")
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be in 0..65535, got {port}")
+        if log_level.lower() not in LOG_LEVELS:
+            raise UsageError(f"--log-level {log_level!r}: use one of {', '.join(LOG_LEVELS)}")
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key must not be empty")
         check_model_dir(model, "MODEL")
