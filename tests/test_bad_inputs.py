@@ -5,8 +5,9 @@ fragment of the message it must print. For every row the runner checks that
 
 * the exit status is the expected one (2 for a user mistake; 0 for input that must simply work,
   such as CJK text or a prompt past the model's position limit, which only warns);
-* for an error: stderr holds exactly one line, ``error: ...`` (or click's ``Error: ...`` for an
-  unknown flag), containing the fragment, and stdout holds nothing;
+* for an error: stderr holds exactly one error line, ``error: ...`` (or click's ``Error: ...``
+  for an unknown flag), containing the fragment, besides any ``note:``/``warning:`` lines, and
+  stdout holds nothing;
 * no traceback appears anywhere;
 * nothing was written: the scratch folder holding the inputs and every output path is unchanged
   (file names, sizes and modification times).
@@ -595,5 +596,6 @@ def test_bad_input(row: Row, scratch, toy_model_dir, monkeypatch):
     if "No such option" in row.fragment:  # click's usage error: usage line, hint, error line
         assert lines[-1].startswith("Error: ")
     else:
-        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        errors = [line for line in lines if not line.startswith(("note: ", "warning: "))]
+        assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
     assert _snapshot(root) == before, "a failed command wrote or changed files"
