@@ -153,6 +153,12 @@ def test_resume_takes_the_same_next_step(sft_model, prompt_files, tmp_path):
     assert (tmp_path / "b" / "curves.png").is_file()
 
 
+def test_eval_every_zero_evaluates_at_start_and_end(sft_model, prompt_files, tmp_path):
+    result = train_rl(config(sft_model, prompt_files, tmp_path, steps=2, eval_every=0, save_steps=5))
+    assert [e["step"] for e in result.evals] == [0, 2]
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]  # the last step is saved
+
+
 def test_output_dir_and_resume_settings_are_checked(sft_model, prompt_files, tmp_path):
     cfg = config(sft_model, prompt_files, tmp_path, steps=1, eval_prompts=None)
     train_rl(cfg)

@@ -214,7 +214,7 @@ class RLTrainer:
             self._append_metrics(record)
             self.log(format_step(record, cfg.steps))
             last = step == cfg.steps
-            if self.eval_problems and cfg.eval_every and (step % cfg.eval_every == 0 or last):
+            if self.eval_problems and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
                 evals.append(self.evaluate(step))
                 self._append_metrics(evals[-1])
             if step % cfg.save_steps == 0 or last:
