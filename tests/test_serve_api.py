@@ -210,3 +210,31 @@ def test_client_errors_through_the_sdk(server, client):
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
     assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3).choices
+
+
+def test_continue_final_message_with_prompt_blocks(client):
+    """A final assistant message that already holds a finished block: the block is evicted during
+    prefill (counted in usage), and the reply continues inside the open `<think>`."""
+    partial = "<think>\n<|block_start|>old work<|block_end|>\n<|summary_start|>kept<|summary_end|>\n\n"
+    messages = [*MESSAGES, {"role": "assistant", "content": partial}]
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        temperature=0,
+        max_tokens=100,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    assert resp.usage.model_extra["memento"]["evictions"] == 3  # 1 in the prompt + 2 generated
+    assert resp.choices[0].message.model_extra["reasoning_content"]
+
+
+def test_continuous_usage_stats(client):
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
+    counts = [chunk.usage.completion_tokens for chunk in stream]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 6

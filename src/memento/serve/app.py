@@ -96,6 +96,7 @@ class _Call:
         self.finished = False
         self.watcher: asyncio.Future | None = None
         self.text_offsets: dict[int, int] = {}  # streamed completions: logprobs text_offset per choice
+        self.streamed = 0  # tokens sent in stream chunks so far
         self.mode = body.memento.get("mode", settings.mode) if body.memento else settings.mode
 
     def start(self) -> None:
@@ -133,9 +134,11 @@ class _Call:
     # --- response bodies --------------------------------------------------------------------
 
     def _usage(self, stats: list[dict] | None) -> dict:
+        """Token counts: final (with the MEMENTO numbers) once `stats` are in, else what was
+        streamed so far."""
         choices = self.job.choices
         prompt_tokens = sum(len(ids) for ids in {c.prompt_index: c.prompt_ids for c in choices}.values())
-        completion = sum(c.seen for c in choices)
+        completion = sum(c.seen for c in choices) if stats is not None else self.streamed
         usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
@@ -244,6 +247,7 @@ class _Call:
             while (message := await self.next_message()) is not None:
                 kind, payload = message
                 if kind == "deltas":
+                    self.streamed += sum(len(d.token_ids) for _, d in payload)
                     choices = [self._choice_chunk(self.job.choices[i], d) for i, d in payload]
                     choices = [c for c in choices if c is not None]
                     if choices:

@@ -29,6 +29,7 @@ from memento.serve.protocol import APIError
 log = logging.getLogger("memento.serve")
 
 IDLE_SAMPLE_SECONDS = 0.5  # while idle, one dashboard sample this often (the chart keeps moving)
+SAMPLE_SECONDS = 0.02  # while busy, at most one sample this often (4096 samples = 80 s of history)
 
 
 class Job:
@@ -133,20 +134,24 @@ class EngineWorker:
             self._die(f"the model failed to load: {type(exc).__name__}: {exc}", None)
             return
         self.engine = engine
-        self._record(force=True)
+        self._record()
         self.state = "ready"
+        busy = False
         while not self._stop:
             self._wake.clear()
             try:
                 self._drain()
                 if not engine.has_work:
-                    if time.perf_counter() - self._last_sample_at >= IDLE_SAMPLE_SECONDS:
-                        self._record(force=True)
+                    if busy or time.perf_counter() - self._last_sample_at >= IDLE_SAMPLE_SECONDS:
+                        self._record()  # the idle state at once, then now and then
+                    busy = False
                     self._wake.wait(IDLE_SAMPLE_SECONDS)
                     continue
+                busy = True
                 changed = engine.step()
                 self._dispatch(changed)
-                self._record()
+                if time.perf_counter() - self._last_sample_at >= SAMPLE_SECONDS:
+                    self._record()
             except BaseException as exc:  # noqa: BLE001 - the engine is in an unknown state now
                 self._die(f"the engine failed: {type(exc).__name__}: {exc}", exc)
                 return
@@ -285,7 +290,7 @@ class EngineWorker:
         self._jobs.pop(job.id, None)
         job.post("done", [c.stats for c in job.choices])
 
-    def _record(self, force: bool = False) -> None:
+    def _record(self) -> None:
         """One dashboard/metrics sample: KV per running sequence and in total, queue, counters."""
         engine = self.engine
         now = time.perf_counter()
