@@ -83,7 +83,7 @@ def test_serve_command_end_to_end(toy_model_dir):
         r = httpx.post(
             url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=60
         )
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        assert r.status_code == 200 and 1 <= r.json()["usage"]["completion_tokens"] <= 5  # EOS may come first
         assert "memento:kv_cache_budget_tokens 300.0" in httpx.get(url + "/metrics").text
     finally:
         proc.send_signal(signal.SIGINT)

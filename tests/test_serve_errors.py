@@ -211,8 +211,10 @@ def test_still_serving_after_every_error(url):
     for _, path, body, *_ in CASES:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         assert httpx.post(url + path, content=content, headers=AUTH).status_code < 500
-    r = httpx.post(url + CHAT, json={"messages": MSG, "max_tokens": 4}, headers=AUTH, timeout=30)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    r = httpx.post(
+        url + CHAT, json={"messages": MSG, "max_tokens": 4, "temperature": 0}, headers=AUTH, timeout=30
+    )
+    assert r.status_code == 200 and 1 <= r.json()["usage"]["completion_tokens"] <= 4  # EOS may come first
     stats = httpx.get(url + "/stats").json()["latest"]
     assert stats["kv"] == 0 and stats["running"] == {} and stats["waiting"] == 0
 

@@ -107,7 +107,7 @@ class _Call:
 
     async def _watch(self) -> None:
         await _disconnected(self.request)
-        self.close()
+        self._cancel_job()
 
     async def next_message(self) -> tuple[str, Any] | None:
         """The job's next message, or None once the client has disconnected."""
@@ -123,13 +123,16 @@ class _Call:
             self.finished = True
         return kind, payload
 
+    def _cancel_job(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.state.worker.cancel(self.job)
+
     def close(self) -> None:
         """Stop watching; cancel the job unless it finished."""
         if not self.watcher.done():
             self.watcher.cancel()
-        if not self.finished:
-            self.finished = True
-            self.state.worker.cancel(self.job)
+        self._cancel_job()
 
     # --- response bodies --------------------------------------------------------------------
 
