@@ -178,3 +178,14 @@ def test_prompt_schedule_and_group_advantages():
     assert adv[4:] == [0.0] * 4
     assert adv[0] > 0 > adv[1] and sum(adv[:4]) == pytest.approx(0)
     assert group_advantages([1, 0, 0, 0], 4, "none") == [0.75, -0.25, -0.25, -0.25]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_does_not_block_the_rerun(
+    sft_model, prompt_files, tmp_path
+):
+    """Issue 19 item 3 for rl: rl_config.json is written once the model loaded; a run killed (or
+    failed) before any checkpoint leaves nothing to resume, so the same command must start again."""
+    cfg = config(sft_model, prompt_files, tmp_path / "run", steps=1, eval_prompts=None)
+    Path(cfg.output_dir).mkdir(parents=True)
+    (Path(cfg.output_dir) / "rl_config.json").write_text(json.dumps(cfg.to_dict()))
+    RLTrainer(cfg)  # accepted: no checkpoint there

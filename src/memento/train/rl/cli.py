@@ -165,6 +165,13 @@ def rl_command(
         if mask_delimiters is not None:
             masking["mask_delimiters"] = mask_delimiters
         cfg = build_config(config, flags, masking)
+        typed = {"--masking-config": masking_config, "--keep-last-n-blocks": keep_last_n_blocks,
+                 "--mask-delimiters": mask_delimiters}  # fmt: skip
+        given = [flag for flag, value in typed.items() if value is not None]
+        if given and cfg.mode == "full":
+            raise ValueError(
+                f"{given[0]} has no effect with --mode full (no eviction); drop it or use --mode memento"
+            )
         from memento.train.rl.trainer import GuardError, RLTrainer
 
         trainer = RLTrainer(cfg, log=typer.echo if cfg.progress and not as_json else None)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from memento.train.rl.checkpoint import load_state, resolve_resume, save_checkpoint
+from memento.train.rl.checkpoint import checkpoints, load_state, resolve_resume, save_checkpoint
 from memento.train.rl.cispo import cispo_loss
 from memento.train.rl.config import RLConfig
 from memento.train.rl.rewards import RewardModel, load_answer_reward
@@ -109,7 +109,9 @@ class RLTrainer:
 
     def _check_output_dir(self) -> None:
         run_file = self.output_dir / RUN_FILE
-        if self.resume_from is None and run_file.is_file():
+        # A run stopped before its first checkpoint (a load failure, Ctrl-C) left nothing to resume:
+        # it must not block the rerun; a run with checkpoints is never overwritten.
+        if self.resume_from is None and run_file.is_file() and checkpoints(self.output_dir):
             raise ValueError(
                 f"{self.output_dir} already holds an rl run ({run_file}); pass --resume latest to continue "
                 "it or choose another --output-dir"
