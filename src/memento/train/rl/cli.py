@@ -193,7 +193,10 @@ def _run_demo(out: Path, seed: int | None, threads: int | None, smoke: bool, as_
     from memento.user_errors import reported
 
     with reported("rl --demo", resume="rerun the same command: finished stages and RL steps are kept"):
-        cfg = RLDemoConfig(out=out, seed=0 if seed is None else seed, threads=threads or 1,
+        from memento.user_errors import check_output_dir
+
+        check_output_dir(out, "--out")
+        cfg = RLDemoConfig(out=out, seed=0 if seed is None else seed, threads=1 if threads is None else threads,
                            profile="smoke" if smoke else "default")  # fmt: skip
         report = run_rl_demo(cfg, log=None if as_json else typer.echo)
     if as_json:
