@@ -50,7 +50,7 @@ PROFILES: dict[str, RLDemoProfile] = {
         "default",
         start=replace(DEMO_PROFILES["default"], name="rl-start", base_steps=800, stage1_steps=300, stage2_steps=300),
         n_prompts=3000, prompt_min_steps=10, prompt_max_steps=12, n_eval=200, steps=40, group_size=8,
-        prompts_per_step=8, lr=2e-5, warmup_steps=3, beta=0.001, temperature=1.0, eval_every=10,
+        prompts_per_step=8, lr=2e-5, warmup_steps=3, beta=0.001, temperature=0.5, eval_every=10,
     ),
     # Tests only: seconds; checks the plumbing, not the learning.
     "smoke": RLDemoProfile(

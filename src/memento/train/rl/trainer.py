@@ -11,7 +11,8 @@ the optimizer state, so a resumed run takes exactly the step the uninterrupted r
 
 The consistency guard: on the first step of every invocation and every `guard_every` steps, the
 trainer's log-probs of the sampled tokens (before any update) are compared with the engine's; if
-any differs by more than `guard_tol` the run stops before updating (the trainer
+their mean absolute difference exceeds `guard_tol`, or one token's exceeds 100 x `guard_tol`, the
+run stops before updating (the trainer
 would be optimising a different distribution from the one that sampled).
 """
 
@@ -38,6 +39,10 @@ from memento.train.rl.scoring import build_batch, response_logprobs
 RUN_FILE = "rl_config.json"
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "rl_result.json"
+# The guard's limit for a single token, as a multiple of --guard-tol (the limit for the mean): fp32
+# rounding grows with length (max |Δ| 2e-5..6e-5 measured on 400-token toy responses, mean ~1e-7),
+# while a forward that sees an evicted block is off by 1e-2..8 on the tokens after it.
+TOKEN_TOL_FACTOR = 100
 
 
 class GuardError(RuntimeError):
@@ -375,11 +380,12 @@ class RLTrainer:
             f"guard step {step}: trainer vs engine log-probs on {summary['tokens']} sampled tokens: "
             f"mean |Δ| {summary['mean_abs']:.2e}, max |Δ| {summary['max_abs']:.2e}, KL {summary['kl']:.2e}"
         )
-        if summary["tokens"] and summary["max_abs"] > self.cfg.guard_tol:
+        tol = self.cfg.guard_tol
+        if summary["tokens"] and (summary["mean_abs"] > tol or summary["max_abs"] > TOKEN_TOL_FACTOR * tol):
             raise GuardError(
                 f"log-prob guard failed at step {step}: on {summary['tokens']} sampled tokens the trainer's "
-                f"log-probs differ from the engine's by up to |Δ| {summary['max_abs']:.3e} "
-                f"(mean {summary['mean_abs']:.3e}, KL {summary['kl']:.3e}) > --guard-tol {self.cfg.guard_tol:g}; "
+                f"log-probs differ from the engine's by mean |Δ| {summary['mean_abs']:.3e} (limit {tol:g}), "
+                f"max |Δ| {summary['max_abs']:.3e} (limit {TOKEN_TOL_FACTOR * tol:g}), KL {summary['kl']:.3e}; "
                 "the training forward does not see what the engine sampled from (mask, positions, "
                 "temperature or precision). Stopped before updating; the last checkpoint is intact."
             )
