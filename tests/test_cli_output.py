@@ -14,6 +14,8 @@ from memento.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
+TINY_RL = ("--steps 1 --group-size 2 --prompts-per-step 1 --max-new-tokens 4 --micro-batch-size 2 "
+           "--rollout-batch-size 2").split()  # fmt: skip
 LONG_NAME = "a-generation-whose-name-is-much-longer-than-forty-characters-and-must-stay-whole"
 
 
@@ -54,33 +56,29 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_json_is_json_for_every_command(inputs, toy_model_dir, tmp_path):
-    outputs = {
-        "kv": _run("kv", inputs["gen"], "--json")[0],
-        "eval": _run("eval", inputs["bench"], "--responses", inputs["resp"], "-o", tmp_path / "e", "--json")[
-            0
-        ],
-        "annotate": _run("annotate", inputs["raw"], "-o", tmp_path / "a", "--tokenizer", "regex", "--json")[
-            0
-        ],
-        "generate": _run(
-            "generate", "--model", toy_model_dir, "--prompt", "hi", "--max-new-tokens", "3", "--json"
-        )[0],  # fmt: skip
-        "bench": _run("bench", "--replay", inputs["gen"], "--model", toy_model_dir, "--json")[0],
-        "train": _run(
+    model, out = str(toy_model_dir), tmp_path
+    commands = {
+        "kv": ["kv", inputs["gen"]],
+        "eval": ["eval", inputs["bench"], "--responses", inputs["resp"], "-o", out / "e"],
+        "annotate": ["annotate", inputs["raw"], "-o", out / "a", "--tokenizer", "regex"],
+        "generate": ["generate", "--model", model, "--prompt", "hi", "--max-new-tokens", "3"],
+        "bench": ["bench", "--replay", inputs["gen"], "--model", model],
+        "train": [
             "train",
             "--model",
-            toy_model_dir,
+            model,
             "--data",
             inputs["trace"],
             "--output-dir",
-            tmp_path / "t",
+            out / "t",
             "--max-steps",
             "1",
-            "--json",
-        )[0],  # fmt: skip
-        "demo": _run("demo", "--smoke", "--out", tmp_path / "d", "--json")[0],
+        ],
+        "demo": ["demo", "--smoke", "--out", out / "d"],
+        "rl": ["rl", "--model", model, "--prompts", inputs["bench"], "--output-dir", out / "r", *TINY_RL],
     }
-    for command, stdout in outputs.items():
+    for command, args in commands.items():
+        stdout, _ = _run(*args, "--json")
         assert _documents(stdout), f"memento {command} --json printed nothing"
 
 

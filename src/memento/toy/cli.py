@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -33,8 +32,7 @@ def demo_command(
     Training budgets are optimizer steps: the same --seed and --threads give the same report
     numbers on any machine (only the timings differ). Re-running with the same --out resumes after
     the last finished stage."""
-    from rich.console import Console
-
+    from memento.console import console as make_console
     from memento.toy.demo import DemoConfig, Ui, run_demo
     from memento.user_errors import check_output_dir, reported
 
@@ -42,8 +40,9 @@ def demo_command(
     with reported("demo", resume=f"rerun the same command to resume after the last finished stage in {out}"):
         check_output_dir(out, "--out")
         cfg = DemoConfig(out=out, profile=profile, scale=scale, seed=seed, threads=threads)
-        # Bound to the real stream: the demo silences library prints by redirecting sys.stdout.
-        console = Console(file=sys.stderr if as_json else sys.stdout)
+        # Bound to the real stream (the demo silences library prints by redirecting sys.stdout);
+        # as wide as its content when piped, so the report table is never cut.
+        console = make_console(stderr=as_json)
         report = run_demo(cfg, Ui(console=console))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
