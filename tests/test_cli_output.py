@@ -101,3 +101,15 @@ def test_piped_tables_keep_numbers_and_names_whole(inputs, toy_model_dir):
     assert str(memento["mean_auc_kv"]) in table  # a number that does not depend on timing
     table, _ = _run("kv", inputs["gen"])
     assert LONG_NAME in table and "…" not in table
+
+
+def test_the_command_line_starts_without_torch():
+    """`memento --help`, argument errors and the offline annotator never import torch (seconds on
+    a busy machine, and its teardown delays the exit after Ctrl-C): heavy imports belong inside the
+    commands, never in a package __init__ or at the top of a CLI module."""
+    import subprocess
+    import sys
+
+    code = "import sys, memento.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
