@@ -20,7 +20,8 @@ Adding a command (``serve``, ``probe``, ``rl``, ...) means adding rows, nothing 
 exist yet), ``{model}`` (the toy checkpoint; ``{short_model}`` knows only 64 positions), ``{tmp}``
 (the scratch folder) and every name in
 ``FILES`` (``{empty}``, ``{binary}``, ``{bench}``, ...; add a file there when a new class needs
-one). Rows run in-process and most stop before any model loads, so the table stays fast; a row
+one). A row whose case says "cuda here" or "without CUDA" checks what a machine without a GPU
+says and is skipped where CUDA is available. Rows run in-process and most stop before any model loads, so the table stays fast; a row
 that must load a model uses the tiny toy checkpoint. ``COUNTS`` at the bottom tallies rows per
 command for the issue's closing note.
 """
@@ -340,7 +341,7 @@ ROWS: list[Row] = [
     R("generate", "--n 0", "generate --model {model} --prompt hi --n 0", 2, "n must be >= 1"),
     R("generate", "--dtype unknown", "generate --model {model} --prompt hi --dtype bogus", 2, "--dtype 'bogus'"),
     R("generate", "--device cuda here", "generate --model {model} --prompt hi --device cuda", 2, "--device cuda"),
-    R("generate", "--device cuda:7 here", "generate --model {model} --prompt hi --device cuda:7", 2, "--device cuda:7"),
+    R("generate", "--device cuda:7 (no such GPU)", "generate --model {model} --prompt hi --device cuda:7", 2, "--device cuda:7"),
     R("generate", "--device unknown", "generate --model {model} --prompt hi --device toaster", 2, "--device 'toaster'"),
     R("generate", "--max-batch-size 0", "generate --model {model} --prompt hi --max-batch-size 0", 2, "--max-batch-size must be >= 1"),
     R("generate", "--kv-budget-tokens 0", "generate --model {model} --prompt hi --kv-budget-tokens 0", 2, "--kv-budget-tokens must be >= 2"),
@@ -595,6 +596,12 @@ def _write_files(root: Path) -> dict[str, str]:
     return paths
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {
         str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else (-1, 0)
@@ -613,6 +620,8 @@ def scratch(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r.command}: {r.case}" for r in ROWS])
 def test_bad_input(row: Row, scratch, toy_model_dir, monkeypatch):
+    if ("cuda here" in row.case or "without CUDA" in row.case) and _has_cuda():
+        pytest.skip("this machine has CUDA: the row checks what a machine without it says")
     root, files = scratch
     out = root / "out"
     if out.exists():  # an accepted row of the previous case wrote here
