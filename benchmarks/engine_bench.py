@@ -197,21 +197,32 @@ def bench_eviction(model, tokenizer, cached: int, span: int, tail: int, repeats:
     start of the cache) against one batch-1 decode step at that cache size."""
     engine = Engine(model, tokenizer, mode="full", max_batch_size=1)
     cache, runner = engine.cache, engine.runner
-    cache.num_rows = 0
+    cache.reset()
     row = cache.add_row()
-    cache.reserve(length=cached + 2)
-    for store in (cache.keys, cache.values):
-        for t in store:
-            t[row, :, :cached].normal_()
+    cache._ensure_slots(row, cached + 2)
+    pages = list(cache.pages[row])
+    cache.storage.normal_()
+    slots = torch.arange(cached + 2)
+    where = cache._slots(row, slots)
+    cache.bias[where] = 0.0
+    cache.positions[where] = slots
+
+    def refill() -> None:  # every eviction starts from the same full row
+        cache.pages[row] = list(pages)
+        cache.lengths[row] = cached
+        cache.num_pages = len(pages)
+        cache._page_row = [row] * len(pages)
+        cache._owner = None
+        cache.bias[where] = 0.0
 
     def decode() -> float:
-        cache.lengths[row] = cached
+        refill()
         t = time.perf_counter()
         runner.decode([5], [cached])
         return time.perf_counter() - t
 
     def evict(start: int) -> float:
-        cache.lengths[row] = cached
+        refill()
         t = time.perf_counter()
         cache.remove_slots(row, start, start + span)
         return time.perf_counter() - t

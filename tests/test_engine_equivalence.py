@@ -117,6 +117,40 @@ def test_preemption_under_budget_matches_dense(model, toy_tokenizer, markers, wo
     assert sum(o.num_preemptions for o in outs) > 0
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "hf"])
+@pytest.mark.parametrize("budget", [None, 90], ids=["no-budget", "budget"])
+def test_small_pages_match_dense(model, toy_tokenizer, markers, words, direct, budget):
+    """Pages of 3 tokens: rows span many pages, evictions free pages mid-row and move other rows'
+    pages into the holes, the pool grows (no budget) or stays within its cap (budget, with
+    preemption); the logits are the dense reference's either way, direct forward or HF."""
+    config = BlockMaskingConfig(keep_last_n_blocks=0)
+    pairs = _streams(toy_tokenizer, markers, words, seed=13, count=4, prompt_blocks=1)
+    engine = Engine(
+        model,
+        toy_tokenizer,
+        masking=config,
+        kv_budget_tokens=budget,
+        max_batch_size=4,
+        kv_page_size=3,
+        direct_forward=direct,
+        prefill_chunk_tokens=7,
+    )
+    if budget is None:
+        engine.cache._allocate(4)  # start tiny, so the pool grows several times
+    first_pool = engine.cache.pool_pages
+    _check(engine, model, pairs, markers, config)
+    cache = engine.cache
+    if budget is None:
+        assert cache.pool_pages > first_pool  # the pool had to grow (contents kept: logits match)
+    else:
+        assert cache.pool_pages <= -(-budget // 3) + 4  # never more than the cap
+        assert engine.last_run["preemptions"] > 0
+    assert cache.num_pages == 0 and cache.total_tokens() == 0  # every page back in the pool
+    run = engine.last_run
+    assert run["kv_allocated_bytes"] >= cache.pool_pages * 3 * run["kv_bytes_per_token"]
+    assert run["peak_kv_used_bytes"] >= -(-run["peak_total_kv"] // 3) * 3 * run["kv_bytes_per_token"]
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -198,11 +232,11 @@ def test_batched_extend_equals_row_by_row(model, toy_tokenizer, markers, words):
     assert (got - want).abs().max() <= TOL
     for i in range(4):
         assert batched.cache.lengths[i] == single.cache.lengths[i]
-        n = batched.cache.lengths[i]
-        for a, b in zip(
-            batched.cache.keys + batched.cache.values, single.cache.keys + single.cache.values, strict=True
-        ):
-            assert (a[i, :, :n] - b[i, :, :n]).abs().max() <= TOL
+        cached = len(seqs[i]) if i in rows else first[i]
+        assert batched.cache.row_positions(i) == single.cache.row_positions(i) == list(range(cached))
+        for layer in range(batched.cache.num_layers):
+            for a, b in zip(batched.cache.row_kv(layer, i), single.cache.row_kv(layer, i), strict=True):
+                assert (a - b).abs().max() <= TOL
 
 
 def test_direct_forward_matches_hf_forward(model, toy_tokenizer, markers, words):
@@ -226,29 +260,146 @@ def test_direct_forward_matches_hf_forward(model, toy_tokenizer, markers, words)
             assert (row - b.logits[key][p]).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("start,end", [(0, 3), (5, 30), (2, 3), (0, 1), (60, 70), (7, 7)])
-def test_remove_slots_moves_every_layer(start, end):
-    """Compaction on the stacked cache: short tails (moved in gap-sized pieces), long tails behind
-    a short gap (staged copy), an empty tail and an empty span; other rows untouched."""
-    from memento.engine.cache import BatchedKVCache
+def _filled_cache(lengths: list[int], page_size: int = 8):
+    """A paged cache with rows of the given lengths holding random keys/values; slot s of row r
+    has logical position 1000 * r + s. Rows take their pages in turns, so pages interleave."""
+    from memento.engine.cache import PagedKVCache
 
-    cache = BatchedKVCache(3, 2, 4, rows=3, capacity=8)
-    cache.num_rows = 0
-    for _ in range(3):
+    cache = PagedKVCache(3, 2, 4, page_size=page_size, max_rows=len(lengths))
+    for _ in lengths:
         cache.add_row()
-    cache.reserve(length=70)
-    cache.lengths[:3] = [70, 70, 70]
     with torch.inference_mode():
+        for s in range(max(lengths)):
+            for r, n in enumerate(lengths):
+                if s < n:
+                    cache._ensure_slots(r, s + 1)
         cache.storage.copy_(torch.randn(cache.storage.shape))
-        before = cache.storage.clone()
+        for r, n in enumerate(lengths):
+            pages, offsets = cache._slots(r, torch.arange(n))
+            cache.positions[pages, offsets] = torch.arange(n) + 1000 * r
+            cache.bias[pages, offsets] = 0.0
+            cache.lengths[r] = n
+    return cache
+
+
+def _rows(cache) -> list[list[torch.Tensor]]:
+    return [
+        [t.clone() for layer in range(cache.num_layers) for t in cache.row_kv(layer, r)]
+        for r in range(cache.num_rows)
+    ]
+
+
+def _check_pool(cache) -> None:
+    """Pages in use are a prefix, each owned by exactly one row, each row has just the pages it
+    needs, and the slot bias marks exactly the slots that hold a token."""
+    owned = sorted(p for r in range(cache.num_rows) for p in cache.pages[r])
+    assert owned == list(range(cache.num_pages))
+    for r in range(cache.num_rows):
+        assert len(cache.pages[r]) == -(-cache.lengths[r] // cache.page_size)
+        assert all(cache._page_row[p] == r for p in cache.pages[r])
+    valid = torch.zeros(cache.num_pages, cache.page_size, dtype=torch.bool)
+    for r in range(cache.num_rows):
+        pages, offsets = cache._slots(r, torch.arange(cache.lengths[r]))
+        valid[pages, offsets] = True
+    if cache.num_pages:
+        assert torch.equal(cache.bias[: cache.num_pages] == 0, valid)
+
+
+@pytest.mark.parametrize("start,end", [(0, 3), (5, 30), (2, 3), (0, 1), (60, 70), (7, 7), (0, 70), (8, 24)])
+def test_remove_slots_moves_every_layer(start, end):
+    """Compaction on the paged cache: the row keeps its other slots in order (every layer, keys
+    and values, positions), pages it no longer needs return to the pool (the used pages stay a
+    prefix), and the other rows are untouched."""
+    cache = _filled_cache([70, 70, 70])
+    before = _rows(cache)
+    with torch.inference_mode():
         cache.remove_slots(1, start, end)
     keep = [s for s in range(70) if not start <= s < end]
     assert cache.lengths[:3] == [70, len(keep), 70]
-    assert torch.equal(cache.storage[:, :, 1, :, : len(keep)], before[:, :, 1, :, keep])
-    assert torch.equal(cache.storage[:, :, [0, 2]], before[:, :, [0, 2]])
-    assert torch.equal(cache.keys[2], cache.storage[2, 0]) and torch.equal(
-        cache.values[0], cache.storage[0, 1]
-    )
+    after = _rows(cache)
+    for r in (0, 2):
+        assert all(torch.equal(a, b) for a, b in zip(after[r], before[r], strict=True))
+        assert cache.row_positions(r) == [1000 * r + s for s in range(70)]
+    assert all(torch.equal(a, b[:, keep]) for a, b in zip(after[1], before[1], strict=True))
+    assert cache.row_positions(1) == [1000 + s for s in keep]
+    _check_pool(cache)
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 8])
+def test_paged_cache_random_operations(page_size):
+    """Random appends, evictions (any span), truncations and row releases against a plain list
+    model: every row keeps exactly its slots, in order, with their data and positions."""
+    from memento.engine.cache import PagedKVCache
+
+    rng = random.Random(page_size)
+    cache = PagedKVCache(2, 1, 2, page_size=page_size)
+    model: list[list[int]] = []  # per row: the logical position held by each slot
+    next_pos = 0
+    with torch.inference_mode():
+        for _ in range(300):
+            op = rng.random()
+            if op < 0.1 or not model:
+                cache.add_row()
+                model.append([])
+            elif op < 0.55:  # append a few tokens to a row (data = its position)
+                r = rng.randrange(len(model))
+                count = rng.randint(1, 2 * page_size + 1)
+                n = cache.lengths[r]
+                cache._ensure_slots(r, n + count)
+                slots = torch.arange(n, n + count)
+                pages, offsets = cache._slots(r, slots)
+                values = torch.arange(next_pos, next_pos + count, dtype=torch.float32)
+                cache.storage[:, :, pages, :, offsets] = values[:, None, None, None, None]
+                cache.positions[pages, offsets] = values.long()
+                cache.bias[pages, offsets] = 0.0
+                cache.lengths[r] = n + count
+                model[r] += list(range(next_pos, next_pos + count))
+                next_pos += count
+            elif op < 0.8:
+                r = rng.randrange(len(model))
+                n = len(model[r])
+                start = rng.randint(0, n)
+                end = rng.randint(start, n + 2)
+                cache.remove_slots(r, start, end)
+                del model[r][start:end]
+            elif op < 0.9:
+                r = rng.randrange(len(model))
+                length = rng.randint(0, len(model[r]))
+                cache.truncate(r, length)
+                del model[r][length:]
+            else:
+                r = rng.randrange(len(model))
+                moved = cache.release_row(r)
+                last = model.pop()
+                if moved is not None:
+                    model[r] = last
+            assert cache.num_rows == len(model)
+            for r, slots in enumerate(model):
+                assert cache.row_positions(r) == slots
+                keys, values = cache.row_kv(1, r)
+                assert keys[0, :, 0].tolist() == values[0, :, 1].tolist() == [float(x) for x in slots]
+            _check_pool(cache)
+
+
+def test_paged_rows_release_truncate_and_regrow():
+    """Rows released (the last row moves into the hole: only its page table), truncated and grown
+    again keep their contents; freed pages are reused, the used pages stay a prefix."""
+    cache = _filled_cache([20, 9, 33, 1])
+    before = _rows(cache)
+    with torch.inference_mode():
+        assert cache.release_row(1) == 3  # row 3 moves into row 1
+        assert cache.num_rows == 3 and cache.lengths[:3] == [20, 1, 33]
+        _check_pool(cache)
+        after = _rows(cache)
+        for r, old in ((0, 0), (1, 3), (2, 2)):
+            assert all(torch.equal(a, b) for a, b in zip(after[r], before[old], strict=True))
+        cache.truncate(2, 17)
+        _check_pool(cache)
+        assert all(torch.equal(a, b[:, :17]) for a, b in zip(_rows(cache)[2], before[2], strict=True))
+        assert cache.release_row(2) is None
+        cache._ensure_slots(0, 40)  # row 0 now holds pages for 40 slots (20 used)
+        assert cache.num_pages == 5 + 1 and len(cache.pages[0]) == 5
+    assert cache.total_tokens() == 21
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])

@@ -73,16 +73,19 @@ class DirectForward:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys, values = past_key_values.update(k, v, index)
-            out = F.scaled_dot_product_attention(
-                q,
-                keys,
-                values,
-                attn_mask=mask,
-                is_causal=mask is None and width > 1,  # no mask: a fresh causal prefill
-                scale=layer.scaling,
-                enable_gqa=q.shape[1] != keys.shape[1],
-            )
+            if past_key_values.paged_decode:  # a decode step reads the cache's pages in place
+                out = past_key_values.decode_attention(q, k, v, index, layer.scaling, self.windows[index])
+            else:
+                keys, values = past_key_values.update(k, v, index)
+                out = F.scaled_dot_product_attention(
+                    q,
+                    keys,
+                    values,
+                    attn_mask=mask,
+                    is_causal=mask is None and width > 1,  # no mask: a fresh causal prefill
+                    scale=layer.scaling,
+                    enable_gqa=q.shape[1] != keys.shape[1],
+                )
             out = out.transpose(1, 2).reshape(batch, width, -1)
             h = h + F.linear(out, layer.o.weight, layer.o.bias)
             x = _norm(layer.post_attention_norm, h)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from memento.engine.cache import BatchedKVCache
+from memento.engine.cache import PAGE_SIZE, PagedKVCache
 from memento.engine.runner import ModelRunner
 from memento.engine.sampling import SamplingParams, filter_logits, make_generator, sample_rows
 from memento.engine.scheduler import BudgetError, Scheduler
@@ -36,7 +36,9 @@ class Engine:
     for Llama-family models too (see `memento.engine.direct`). Models with layers MEMENTO cannot
     evict from exactly (linear attention, soft-capped attention, ...) are refused here
     (`memento.hf.UnsupportedModel`); sliding-window layers apply their window in original
-    positions (`memento.masking.in_window`)."""
+    positions (`memento.masking.in_window`). The KV cache is paged (`kv_page_size` tokens per
+    page, `memento.engine.cache`): with `kv_budget_tokens` its pool never holds more than
+    `ceil(kv_budget_tokens / kv_page_size) + max_batch_size` pages."""
 
     def __init__(
         self,
@@ -52,6 +54,7 @@ class Engine:
         prefill_batch_tokens: int = 8192,
         logits_hook: LogitsHook | None = None,
         direct_forward: bool = True,
+        kv_page_size: int = PAGE_SIZE,
     ) -> None:
         check_model(model.config)  # unsupported layer types / attention variants: refused here
         self.model = model.eval()
@@ -76,14 +79,16 @@ class Engine:
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        self.cache = BatchedKVCache(
+        # paged: with a budget, the pool never exceeds ceil(budget / page) + max_batch_size pages
+        self.cache = PagedKVCache(
             text.num_hidden_layers,
             kv_heads,
             head_dim,
             dtype=self.dtype,
             device=self.device,
-            rows=max_batch_size,
-            capacity=256,
+            page_size=kv_page_size,
+            max_tokens=kv_budget_tokens,
+            max_rows=max_batch_size,
         )
         self.runner = ModelRunner(model, self.cache, direct=direct_forward)
         self.stop_ids = self._default_stop_ids()
@@ -364,9 +369,10 @@ class Engine:
         """Reset the batch for a `generate`/`replay` call (refused while requests are in flight)."""
         if self.has_work:
             raise RuntimeError("the engine is serving requests (add_request/step); let them finish first")
-        self.cache.num_rows = 0
+        self.cache.reset()
         self._owners = [None] * self.cache.row_capacity
         self.peak_total_kv = 0
+        self.cache.peak_pages = self.cache.num_pages
 
     def _release(self, seq: Sequence) -> None:
         moved = self.cache.release_row(seq.row)
@@ -400,6 +406,10 @@ class Engine:
             "generated_tokens": sum(len(o.output_ids) for o in outputs.values()),
             "peak_total_kv": self.peak_total_kv,
             "preemptions": self.scheduler.num_preemptions - preemptions,
+            # memory: the pool as allocated (used or not), the most of it in use, per-token size
+            "kv_allocated_bytes": self.cache.allocated_bytes(),
+            "peak_kv_used_bytes": self.cache.peak_pages * self.cache.page_size * self.cache.bytes_per_token,
+            "kv_bytes_per_token": self.cache.bytes_per_token,
         }
         return [outputs[s.request_id] for s in sorted(seqs, key=lambda s: (s.prompt_index, s.sample))]
 

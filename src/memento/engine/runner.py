@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from memento.engine.cache import BatchedKVCache
+from memento.engine.cache import PagedKVCache
 from memento.engine.direct import DirectForward
 from memento.hf import AttentionSwap, cache_argument, layer_windows
 from memento.masking import in_window
 
 
 class ModelRunner:
-    """Runs an HF causal LM one step at a time against a `BatchedKVCache`."""
+    """Runs an HF causal LM one step at a time against a `PagedKVCache`."""
 
-    def __init__(self, model, cache: BatchedKVCache, direct: bool = True) -> None:
+    def __init__(self, model, cache: PagedKVCache, direct: bool = True) -> None:
         self.model = model
         self.cache = cache
         self.device = cache.device
@@ -56,13 +56,21 @@ class ModelRunner:
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each row `0..n-1`, appended at each row's end; returns `[n, V]` logits."""
         n = len(token_ids)
-        # one host-to-device transfer per step: tokens, positions, row lengths (= write slots)
-        step = torch.tensor([token_ids, positions, self.cache.lengths[:n]], device=self.device)
-        key_len = self.cache.plan_decode(n, step[2], step[1])
-        allowed = torch.arange(key_len, device=self.device) <= step[2, :, None]
-        masks = self._window_masks(
-            allowed[:, None, :], step[1, :, None, None], self.cache.positions[:n, None, :key_len]
+        pages, offsets = self.cache.decode_slots(n)
+        # one host-to-device transfer per step: tokens, positions, row lengths, where the new KV goes
+        step = torch.tensor(
+            [token_ids, positions, self.cache.lengths[:n], pages, offsets], device=self.device
         )
+        # the direct forward attends over the pages in place (no mask needed: empty slots and
+        # windows are the cache's slot bias); an HF forward gets padded keys and this mask
+        paged = self.direct is not None
+        key_len = self.cache.plan_decode(n, step[3], step[4], step[1], paged=paged)
+        masks = None
+        if not paged:
+            allowed = torch.arange(key_len, device=self.device) <= step[2, :, None]
+            masks = self._window_masks(
+                allowed[:, None, :], step[1, :, None, None], self.cache.padded_positions()[:, None, :]
+            )
         out = self._forward(
             input_ids=step[0, :, None],
             position_ids=step[1, :, None],
