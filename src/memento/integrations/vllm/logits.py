@@ -124,8 +124,16 @@ class ForcedTokensProcessor(_RowProcessor):
         return _ForceRow({int(k): int(v) for k, v in script.items()}, output_ids)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        rows, tokens = [], []
         for index, row in self.rows.items():
             token = row.script.get(len(row.output_ids))
             if token is not None:
-                self.force(logits, index, token)
+                rows.append(index)
+                tokens.append(token)
+        if rows:  # the whole batch at once: a few tensor ops per step, not per row
+            index = torch.tensor([rows, tokens], device=logits.device)
+            kept = logits[index[0], index[1]]
+            kept = torch.where(torch.isfinite(kept), kept, torch.zeros_like(kept))
+            logits.index_fill_(0, index[0], float("-inf"))
+            logits[index[0], index[1]] = kept
         return logits
