@@ -95,6 +95,8 @@ class BlockLengthCapProcessor(_RowProcessor):
         return _CapRow(cap, output_ids)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.rows:  # no request has a cap: nothing to do
+            return logits
         for index, row in self.rows.items():
             out = row.output_ids
             while row.fed < len(out) and out[row.fed] >= 0:

@@ -66,12 +66,9 @@ class _RequestState:
     tracker: BlockTracker
     pending: list[Eviction] = field(default_factory=list)  # triggered, not yet applied, by trigger
     applied: SpanSet = field(default_factory=SpanSet)  # logical spans physically removed now
+    removed: int = 0  # positions in `applied` (physical = logical - removed)
     peak_physical: int = 0
     blocks_freed: int = 0
-
-    @property
-    def removed(self) -> int:
-        return self.applied.removed
 
     def next_trigger_after(self, computed: int) -> int | None:
         later = [ev.trigger for ev in self.pending if ev.trigger > computed]
@@ -86,8 +83,14 @@ class MementoSchedulerMixin:
         vllm_config = self.vllm_config
         self.memento_config = MementoVllmConfig.from_vllm_config(vllm_config)
         self._mstates: dict[str, _RequestState] = {}
-        self._step_plan = StepPlan()
+        # The per-step work is for the few requests that need it: those with evictions waiting
+        # to be applied, and those with removed positions (physical != logical); a step where
+        # neither exists sends no plan at all (a request without markers costs one tracker feed).
+        self._with_pending: set[str] = set()
+        self._compacted: set[str] = set()
+        self._step_plan: StepPlan | None = None
         self._step_moves: dict[str, tuple[list[int], list[int]]] = {}
+        self._async = isinstance(self, AsyncScheduler)
         self.memento_log: list[dict[str, Any]] = []  # compaction events (debug=True)
         if not self.memento_config.enable:
             return
@@ -112,7 +115,7 @@ class MementoSchedulerMixin:
         # front end already refused it with a 400 (`BlockLengthCapProcessor.validate_params`).
         params = request.sampling_params
         cfg = request_masking(self.memento_config.masking, getattr(params, "extra_args", None))
-        if cfg.restart_mode and self._is_async():
+        if cfg.restart_mode and self._async:
             raise ValueError("memento: restart_mode needs synchronous scheduling (async_scheduling=False)")
         super().add_request(request)
         state = _RequestState(cfg, BlockTracker(self.memento_markers, cfg))
@@ -122,23 +125,34 @@ class MementoSchedulerMixin:
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         if not self.memento_config.enable:
             return super().schedule(*args, **kwargs)
-        self._step_plan = StepPlan()
+        self._step_plan = None
         self._step_moves = {}
-        for request in list(self.running):
-            state = self._mstates.get(request.request_id)
-            if state is not None:
-                self._catch_up(request, state)
-                self._apply_ready(request, state)
+        if self._async:  # placeholders may have been filled in since the last update
+            for request in self.running:
+                state = self._mstates.get(request.request_id)
+                if state is not None:
+                    self._catch_up(request, state)
+        if self._with_pending:
+            for request in list(self.running):
+                if request.request_id in self._with_pending:
+                    self._apply_ready(request, self._mstates[request.request_id])
         output = super().schedule(*args, **kwargs)
         plan = self._step_plan
-        for src, dst in self._step_moves.values():
-            plan.src_slots.extend(src)
-            plan.dst_slots.extend(dst)
-        for rid in output.num_scheduled_tokens:
-            state = self._mstates.get(rid)
-            if state is not None and state.removed:
-                plan.removed[rid] = state.removed
-        setattr(output, PAYLOAD_ATTR, plan)
+        if self._step_moves:
+            plan = plan or StepPlan()
+            for src, dst in self._step_moves.values():
+                plan.src_slots.extend(src)
+                plan.dst_slots.extend(dst)
+        if self._compacted:
+            removed = {
+                rid: self._mstates[rid].removed
+                for rid in output.num_scheduled_tokens
+                if rid in self._compacted
+            }
+            if removed:
+                plan = plan or StepPlan()
+                plan.removed = removed
+        setattr(output, PAYLOAD_ATTR, plan)  # None: nothing for the worker to do this step
         return output
 
     def _reserve_prefill_lookahead(self, request: Any, num_computed_tokens: int, num_new_tokens: int) -> int:
@@ -164,23 +178,35 @@ class MementoSchedulerMixin:
         state = self._mstates.get(request.request_id)
         if state is None:
             return
-        self._step_moves.pop(request.request_id, None)
-        self._step_plan.truncate.pop(request.request_id, None)
+        rid = request.request_id
+        self._step_moves.pop(rid, None)
+        if self._step_plan is not None:
+            self._step_plan.truncate.pop(rid, None)
         state.applied = SpanSet()
+        state.removed = 0
+        self._compacted.discard(rid)
         state.pending = sorted(state.tracker.evictions, key=lambda ev: ev.trigger)
+        if state.pending:
+            self._with_pending.add(rid)
         self._debug("preempt", request, pending=len(state.pending))
 
     def _free_request(self, request: Any, *args: Any, **kwargs: Any):
-        self._step_moves.pop(request.request_id, None)
-        state = self._mstates.pop(request.request_id, None)
+        rid = request.request_id
+        self._step_moves.pop(rid, None)
+        self._with_pending.discard(rid)
+        self._compacted.discard(rid)
+        state = self._mstates.pop(rid, None)
         if state is not None:
+            self._note_peak(request, state)
             self._debug("finish", request, removed=state.removed, peak_physical=state.peak_physical)
         return super()._free_request(request, *args, **kwargs)
 
     # -- MEMENTO logic ------------------------------------------------------------------------------
 
-    def _is_async(self) -> bool:
-        return isinstance(self, AsyncScheduler)
+    @staticmethod
+    def _note_peak(request: Any, state: _RequestState) -> None:
+        """The physical length only grows between compactions: note it before each and at the end."""
+        state.peak_physical = max(state.peak_physical, request.num_computed_tokens - state.removed)
 
     def _catch_up(self, request: Any, state: _RequestState) -> None:
         """Feed the tracker every token appended since last time (prompt included)."""
@@ -190,18 +216,21 @@ class MementoSchedulerMixin:
             token = tokens[p]
             if token < 0:  # async placeholder: wait for the real id
                 break
-            state.pending.extend(tracker.feed(int(token)))
+            triggered = tracker.feed(int(token))
+            if triggered:
+                state.pending.extend(triggered)
+                self._with_pending.add(request.request_id)
 
     def _apply_ready(self, request: Any, state: _RequestState) -> None:
         """Apply every pending eviction whose trigger is the next position to compute."""
         computed = request.num_computed_tokens
-        if self._is_async():
+        if self._async:
             computed -= request.num_output_placeholders  # tokens whose ids are known and computed
             computed = max(computed, 0)
         ready = [ev for ev in state.pending if ev.trigger <= computed]
         if not ready:
-            state.peak_physical = max(state.peak_physical, request.num_computed_tokens - state.removed)
             return
+        self._note_peak(request, state)
         rid = request.request_id
         bs = self._kv_block_size
         c_logical = request.num_computed_tokens
@@ -213,6 +242,7 @@ class MementoSchedulerMixin:
             ps = state.applied.logical_to_physical(ev.start)
             pe = state.applied.logical_to_physical(ev.end)
             state.applied.add(ev.start, ev.end)
+            state.removed = state.applied.removed
             src = np.concatenate([src[:ps], src[pe:]])
             if ev.recompute_from is not None:  # restart: recompute [recompute_from, trigger]
                 keep = state.applied.logical_to_physical(ev.recompute_from)
@@ -240,6 +270,12 @@ class MementoSchedulerMixin:
             del blocks[keep_blocks:]
             self._block_pool.free_blocks(reversed(freed))
             state.blocks_freed += len(freed)
+        if not state.pending:
+            self._with_pending.discard(rid)
+        if state.removed:
+            self._compacted.add(rid)
+        if self._step_plan is None:
+            self._step_plan = StepPlan()
         self._step_plan.truncate[rid] = keep_blocks
         self._debug(
             "compact",
@@ -256,13 +292,12 @@ class MementoSchedulerMixin:
         """`allocate_slots` counts `request.num_computed_tokens`; make it count physical tokens."""
         manager = self.kv_cache_manager
         original = manager.allocate_slots
-        states = self._mstates
+        states, compacted = self._mstates, self._compacted
 
         def allocate_slots(request: Any, num_new_tokens: int, *args: Any, **kwargs: Any):
-            state = states.get(request.request_id)
-            removed = state.removed if state is not None else 0
-            if not removed:
+            if request.request_id not in compacted:
                 return original(request, num_new_tokens, *args, **kwargs)
+            removed = states[request.request_id].removed
             request.num_computed_tokens -= removed
             try:
                 return original(request, num_new_tokens, *args, **kwargs)
@@ -276,6 +311,9 @@ class MementoSchedulerMixin:
         state = self._mstates.get(request_id)
         if state is None:
             return None
+        request = self.requests.get(request_id)
+        if request is not None:
+            self._note_peak(request, state)
         return {
             "removed": state.removed,
             "peak_physical": state.peak_physical,
