@@ -131,7 +131,7 @@ _MASKING_FLAGS = ("keep_last_n_blocks", "mask_delimiters", "keep_last_block_for_
 def _masking(a: dict) -> dict | None:
     """The block-masking options given (file/JSON first, flags over it), validated; None = defaults."""
     from memento.masking import BlockMaskingConfig
-    from memento.train.cli import parse_masking
+    from memento.train.options import parse_masking
 
     values = parse_masking(a["masking_config"]) if a["masking_config"] else {}
     for name in _MASKING_FLAGS[:-1]:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from memento.train.collator import MementoCollator, dense_mask_from_kill_times, padded_kill_times
     from memento.train.data import DataStats, Sample, load_samples, tokenize_trace, tokenize_traces
-    from memento.train.sft import SFTConfig, TrainResult, load_config_file, train
+    from memento.train.options import load_config_file
+    from memento.train.sft import SFTConfig, TrainResult, train
 
 _WHERE = {
     "MementoCollator": "memento.train.collator",
@@ -26,7 +27,7 @@ _WHERE = {
     "tokenize_traces": "memento.train.data",
     "SFTConfig": "memento.train.sft",
     "TrainResult": "memento.train.sft",
-    "load_config_file": "memento.train.sft",
+    "load_config_file": "memento.train.options",
     "train": "memento.train.sft",
 }
 __all__ = [

@@ -10,7 +10,6 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -21,36 +20,6 @@ MASKING_FLAGS = {
     "--mask-delimiters": "mask_delimiters",
 }
 STAGE_HELP = "full = Stage 1 (causal attention); memento = Stage 2 (block mask, as the engine evicts)."
-
-
-def parse_masking(value: str) -> dict[str, Any]:
-    """`--masking-config`: inline JSON or a path to a JSON/YAML file."""
-    path = Path(value)
-    if not value.lstrip().startswith("{") and path.is_file():
-        from memento.train.sft import load_config_file
-
-        return load_config_file(path)
-    try:
-        data = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--masking-config is neither a file nor valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError("--masking-config must be a JSON object of block-masking options")
-    return data
-
-
-def build_config(config_file: Path | None, flags: dict[str, Any], masking: dict[str, Any]):
-    """Merge file < flags (only those given) and validate into an `SFTConfig`."""
-    from memento.train.sft import SFTConfig, load_config_file
-
-    values = load_config_file(config_file) if config_file else {}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    if masking:
-        merged = dict(values.get("masking") or {})
-        merged.update(masking)
-        values["masking"] = merged
-    return SFTConfig.from_dict(values)
 
 
 def train_command(
@@ -159,16 +128,15 @@ def train_command(
 
     resume = f"checkpoints so far are in {output_dir}; rerun with --resume latest to continue"
     with reported("train", resume=resume if output_dir else None):
-        masking = parse_masking(masking_config) if masking_config else {}
-        if keep_last_n_blocks is not None:
-            masking["keep_last_n_blocks"] = keep_last_n_blocks
-        if mask_delimiters is not None:
-            masking["mask_delimiters"] = mask_delimiters
+        from memento.train.options import masking_options, merge_options
+        from memento.train.sft import SFTConfig
+
+        masking = masking_options(masking_config, keep_last_n_blocks, mask_delimiters)
         if global_batch_size is not None and grad_accum is not None:
             raise ValueError(
                 "give --global-batch-size or --grad-accum, not both (the first derives the second)"
             )
-        cfg = build_config(config, flags, masking)
+        cfg = SFTConfig.from_dict(merge_options(config, flags, masking))
         typed = {"masking_config": masking_config, "keep_last_n_blocks": keep_last_n_blocks,
                  "mask_delimiters": mask_delimiters}  # fmt: skip
         given = [flag for flag, name in MASKING_FLAGS.items() if typed[name] is not None]

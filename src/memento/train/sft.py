@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 from memento.masking import BlockMaskingConfig
 from memento.train.collator import STAGES
 from memento.train.data import FORMATS, OVERLONG, DataStats
+from memento.train.options import options_from_dict
 
 ATTENTION = ("auto", "sdpa", "eager", "flex")
 CONFIG_FILE_NAME = "memento_train.json"
@@ -161,48 +162,12 @@ class SFTConfig:
         """Build from a dict (keys as in the config file; `-` and `_` both accepted).
 
         Unknown keys are errors: a typo must not silently train with a default."""
-        known = {f.name for f in fields(cls)}
-        normalized = {str(k).replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(normalized) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; valid options: {sorted(known)}")
-        missing = sorted(n for n in ("model", "data", "output_dir") if normalized.get(n) in (None, ""))
-        if missing:
-            flags = ", ".join("--" + n.replace("_", "-") for n in missing)
-            raise ValueError(f"missing required option(s) {missing}: pass {flags} or set them in --config")
-        return cls(**normalized)
+        return options_from_dict(cls, values, "training", required=("model", "data", "output_dir"))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["masking"] = self.masking.to_dict()
         return out
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict (validated later by `SFTConfig.from_dict`)."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{path}: not valid text (byte {exc.start} is not UTF-8); expected YAML or JSON"
-        ) from None
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # yaml and json raise different error types
-        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of option -> value at the top level")
-    return data
 
 
 @dataclass

@@ -9,24 +9,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import typer
-
-
-def build_config(config_file: Path | None, flags: dict[str, Any], masking: dict[str, Any]):
-    """Merge file < flags (only those given) and validate into an `RLConfig`."""
-    from memento.train.rl.config import RLConfig
-    from memento.train.sft import load_config_file
-
-    values = load_config_file(config_file) if config_file else {}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    if masking:
-        merged = dict(values.get("masking") or {})
-        merged.update(masking)
-        values["masking"] = merged
-    return RLConfig.from_dict(values)
 
 
 def rl_command(
@@ -157,14 +141,11 @@ def rl_command(
     from memento.user_errors import reported
 
     with reported("rl", resume="rerun the same command with --resume latest to continue"):
-        from memento.train.cli import parse_masking
+        from memento.train.options import masking_options, merge_options
+        from memento.train.rl.config import RLConfig
 
-        masking = parse_masking(masking_config) if masking_config else {}
-        if keep_last_n_blocks is not None:
-            masking["keep_last_n_blocks"] = keep_last_n_blocks
-        if mask_delimiters is not None:
-            masking["mask_delimiters"] = mask_delimiters
-        cfg = build_config(config, flags, masking)
+        masking = masking_options(masking_config, keep_last_n_blocks, mask_delimiters)
+        cfg = RLConfig.from_dict(merge_options(config, flags, masking))
         typed = {"--masking-config": masking_config, "--keep-last-n-blocks": keep_last_n_blocks,
                  "--mask-delimiters": mask_delimiters}  # fmt: skip
         given = [flag for flag, value in typed.items() if value is not None]

@@ -9,10 +9,11 @@ MiniMax-M1's choice: no lower bound on the weight (eps_low = 1) and a cap of 1 +
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from memento.masking import BlockMaskingConfig
+from memento.train.options import options_from_dict
 
 MODES = ("memento", "full")
 SCALES = ("group", "none")
@@ -120,16 +121,7 @@ class RLConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RLConfig:
         """Build from a dict (`-` or `_` in keys); unknown keys are errors, not silently dropped."""
-        known = {f.name for f in fields(cls)}
-        normalized = {str(k).replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(normalized) - known)
-        if unknown:
-            raise ValueError(f"unknown rl option(s) {unknown}; valid options: {sorted(known)}")
-        missing = sorted(n for n in ("model", "prompts", "output_dir") if normalized.get(n) in (None, ""))
-        if missing:
-            flags = ", ".join("--" + n.replace("_", "-") for n in missing)
-            raise ValueError(f"missing required option(s) {missing}: pass {flags} or set them in --config")
-        return cls(**normalized)
+        return options_from_dict(cls, values, "rl", required=("model", "prompts", "output_dir"))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
