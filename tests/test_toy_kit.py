@@ -134,6 +134,8 @@ def test_saved_checkpoint_loads_offline(toy_model_dir, toy_tokenizer, monkeypatc
     assert tok.decode(ids) == text
     assert tok.chat_template == toy_tokenizer.chat_template
     assert tok.eos_token_id == toy_tokenizer.eos_token_id
+    # a chat turn ends at <|im_end|> for every server, including those that stop only on these ids
+    assert set(model.generation_config.eos_token_id) == {tok.eos_token_id, tok.convert_tokens_to_ids(IM_END)}
     assert type(model).__name__ == "Qwen3ForCausalLM"
     assert model.config.tie_word_embeddings
     with torch.no_grad():

@@ -115,7 +115,9 @@ def build_tiny_model(
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config)
     model.to(torch.float32)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # As in Qwen3's chat checkpoints: a chat turn ends at <|im_end|>, so servers that stop only on the
+    # generation config's EOS ids (vLLM) stop where our engine does.
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
 
