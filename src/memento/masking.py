@@ -33,6 +33,10 @@ class BlockMaskingConfig:
     require_assistant_section: track markers only after the first `<|im_start|>assistant` header.
     restart_mode: ablation; evict the block with its delimiters, then recompute the memento's KV
         without the block (see `Eviction.recompute_from`).
+    restart_kv_only: with restart_mode, the fair ablation of the KV channel: evict exactly what
+        memento mode evicts (delimiters per mask_delimiters) and recompute every kept token after
+        the evicted span (`<|block_end|>`, the gap, the memento), so the text the model sees is the
+        same as in memento mode and no kept KV entry was computed while the block was visible.
     max_block_tokens: > 0 forces `<|block_end|>` once a block holds this many tokens.
     compact_on_summary_end: False disables every automatic eviction (blocks are still tracked).
     """
@@ -44,6 +48,7 @@ class BlockMaskingConfig:
     restart_mode: bool = False
     max_block_tokens: int = 0
     compact_on_summary_end: bool = True
+    restart_kv_only: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -111,9 +116,10 @@ def config_for_mode(mode: str, masking: BlockMaskingConfig | None = None) -> Blo
 class Eviction:
     """A half-open logical span `[start, end)` removed before the forward pass of `trigger`.
 
-    In restart mode `recompute_from` is the `<|summary_start|>` position of the evicted block:
-    after the removal every position in `[recompute_from, trigger]` is computed again, at its
-    original position, attending only to what is still cached before `recompute_from`.
+    In restart mode `recompute_from` is the `<|summary_start|>` position of the evicted block
+    (with `restart_kv_only`: the end of the evicted span): after the removal every position in
+    `[recompute_from, trigger]` is computed again, at its original position, attending only to
+    what is still cached before `recompute_from`.
     """
 
     trigger: int
@@ -266,12 +272,16 @@ class BlockTracker:
     def _evict(self, block_id: int, trigger: int, out: list[Eviction]) -> None:
         block = self.blocks[block_id]
         assert block.be is not None and block.ss is not None
-        whole = self.config.mask_delimiters or self.config.restart_mode
+        cfg = self.config
+        whole = cfg.mask_delimiters or (cfg.restart_mode and not cfg.restart_kv_only)
         start, end = (block.bs, block.be + 1) if whole else (block.bs + 1, block.be)
         if end <= start:  # an empty block with its delimiters kept: nothing to remove
             return
         self.evicted.add(start, end)
-        out.append(Eviction(trigger, start, end, block.ss if self.config.restart_mode else None))
+        recompute = None
+        if cfg.restart_mode:
+            recompute = end if cfg.restart_kv_only else block.ss
+        out.append(Eviction(trigger, start, end, recompute))
 
 
 def _as_list(token_ids: Sequence[int] | torch.Tensor) -> list[int]:
@@ -329,6 +339,73 @@ def attention_mask(
     the mask of a sliding-window layer (`in_window`)."""
     kill = kill_times(token_ids, markers, config)
     return mask_from_kill_times(kill, window=window)
+
+
+@dataclass(frozen=True)
+class VirtualSequence:
+    """Any masking mode, restart included, as one dense attention pattern over *entries*.
+
+    Restart recomputes KV in a second pass, so no single `[L, L]` mask describes it; but every
+    recomputed token can appear again as a second entry (same token, same position id) that sees
+    only what was cached before its `recompute_from`, and later tokens attend to the copy instead
+    of the original. One forward over the entries then gives exactly what the engine computes.
+    Without restart the entries are the positions themselves and `visible` is the Stage-2 mask.
+
+    positions[e]: logical position of entry e (its token is `token_ids[positions[e]]`).
+    visible[q, k]: entry q may attend to entry k.
+    first[p]: the entry computed when position p was consumed (its logits sample position p+1).
+    last[p]: the entry holding the KV that tokens after p read (differs from `first` where recomputed).
+    """
+
+    positions: list[int]
+    visible: torch.BoolTensor
+    first: list[int]
+    last: list[int]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def virtual_sequence(
+    token_ids: Sequence[int], markers: MarkerIds, config: BlockMaskingConfig | None = None
+) -> VirtualSequence:
+    """The entries and dense mask of one sequence under `config` (see `VirtualSequence`)."""
+    config = config or BlockMaskingConfig()
+    ids = _as_list(token_ids)
+    if not config.restart_mode:
+        identity = list(range(len(ids)))
+        return VirtualSequence(identity, attention_mask(ids, markers, config), identity, list(identity))
+    tracker = BlockTracker(markers, config)
+    positions: list[int] = []
+    rows: list[list[int]] = []  # visible entries of each entry (itself included)
+    live: list[int] = []  # entries currently cached, in cache order
+    first: list[int] = []
+    last: list[int] = []
+
+    def add(p: int) -> None:
+        e = len(positions)
+        positions.append(p)
+        rows.append([*live, e])
+        live.append(e)
+        if p == len(first):
+            first.append(e)
+            last.append(e)
+        else:
+            last[p] = e
+
+    for p, t in enumerate(ids):
+        for ev in tracker.feed(t):
+            live[:] = [e for e in live if not ev.start <= positions[e] < ev.end]
+            if ev.recompute_from is not None:
+                redo = [positions[e] for e in live if positions[e] >= ev.recompute_from]
+                live[:] = [e for e in live if positions[e] < ev.recompute_from]
+                for q in redo:
+                    add(q)
+        add(p)
+    visible = torch.zeros(len(positions), len(positions), dtype=torch.bool)
+    for e, keys in enumerate(rows):
+        visible[e, keys] = True
+    return VirtualSequence(positions, visible, first, last)
 
 
 def mask_from_kill_times(

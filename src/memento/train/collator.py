@@ -7,6 +7,11 @@ its compact per-key form: `kill[b, k]` = first query that may no longer see key 
 model with sliding-window layers gets one dense mask per window (`memento.masking.in_window`, the
 engine's definition), which `memento.hf.memento_sdpa` hands to each layer by its window.
 
+Restart semantics (`masking.restart_mode`): each row becomes its `memento.masking.virtual_sequence`
+(recomputed tokens appear twice, at their original positions; later tokens read the copies), with a
+dense mask over the entries. The loss is on the entries that produced the sampled tokens; the
+copies are keys only. This trains a model for exactly what restart inference computes.
+
 Padding (right side): a padded key is visible to no real query, and a padded query sees only
 itself, so no softmax row is empty (sdpa would give NaN) and no real row is affected.
 """
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memento.masking import BlockMaskingConfig, kill_times, mask_from_kill_times
+from memento.masking import BlockMaskingConfig, kill_times, mask_from_kill_times, virtual_sequence
 from memento.tokens import MarkerIds
 from memento.train.data import IGNORE_INDEX, Sample
 
@@ -81,13 +86,23 @@ class MementoCollator:
                 "sliding-window layers need one dense mask per window; the kill_times (flex) format "
                 "does not carry windows yet: use sdpa"
             )
+        if self.restart and self.mask_format != "dense":
+            raise ValueError("restart semantics need the dense mask (no kill-time form exists for them)")
+        if self.restart and self.sliding:
+            raise ValueError("restart semantics are not supported for models with sliding-window layers")
 
     @property
     def sliding(self) -> bool:
         return any(w is not None for w in self.layer_windows)
 
+    @property
+    def restart(self) -> bool:
+        return self.stage == "memento" and self.masking.restart_mode
+
     def __call__(self, features: Sequence[Sample | Mapping]) -> dict[str, torch.Tensor]:
         rows = [_as_pair(f) for f in features]
+        if self.restart:
+            return self._restart_batch(rows)
         length = max(len(ids) for ids, _ in rows)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -118,6 +133,38 @@ class MementoCollator:
             out["attention_mask"] = out["memento_masks"][windows[0]]
         else:
             out["attention_mask"] = dense_mask_from_kill_times(kill)
+        return out
+
+
+    def _restart_batch(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Rows as virtual sequences. HF shifts labels by one entry, so entry e carries the target
+        of entry e-1: the token after e-1's position when e-1 produced logits, else -100."""
+        virtual = [virtual_sequence(ids, self.markers, self.masking) for ids, _ in rows]
+        length = max(len(v) for v in virtual)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(rows)
+        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((batch, length), dtype=torch.long)
+        mask = torch.eye(length, dtype=torch.bool).repeat(batch, 1, 1)  # padding sees itself
+        for b, ((ids, lab), v) in enumerate(zip(rows, virtual, strict=True)):
+            n = len(v)
+            input_ids[b, :n] = torch.tensor([ids[p] for p in v.positions], dtype=torch.long)
+            position_ids[b, :n] = torch.tensor(v.positions, dtype=torch.long)
+            position_ids[b, n:] = torch.arange(len(ids), len(ids) + length - n)
+            mask[b, :n, :n] = v.visible
+            for e, p in enumerate(v.positions[: n - 1]):
+                if v.first[p] == e and p + 1 < len(lab):
+                    labels[b, e + 1] = lab[p + 1]
+        out = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "attention_mask": mask.unsqueeze(1),
+        }
+        if self.return_lengths:
+            out["lengths"] = torch.tensor([len(ids) for ids, _ in rows])
         return out
 
 

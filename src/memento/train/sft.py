@@ -109,8 +109,10 @@ class SFTConfig:
                 "--format control has no blocks, so the Stage-2 mask would be plain causal; "
                 "train the Control row with --stage full"
             )
-        if self.masking.restart_mode:
-            raise ValueError("restart_mode is an inference ablation with no single training mask")
+        if self.masking.restart_mode and self.stage != "memento":
+            raise ValueError("restart_mode is a Stage-2 mask: use it with --stage memento")
+        if self.masking.restart_mode and self.attention == "flex":
+            raise ValueError("restart_mode trains over virtual sequences with a dense mask; use sdpa or eager")
         for name in (
             "max_length",
             "batch_size",
@@ -305,7 +307,8 @@ def choose_attention(cfg: SFTConfig, longest: int, cuda: bool, sliding: bool = F
         )
     if cfg.attention != "auto":
         return cfg.attention
-    if cuda and cfg.stage == "memento" and longest > cfg.flex_threshold and not sliding:
+    restart = cfg.masking.restart_mode
+    if cuda and cfg.stage == "memento" and longest > cfg.flex_threshold and not sliding and not restart:
         return "flex"
     return "sdpa"
 
