@@ -41,6 +41,7 @@ def _register_commands() -> None:
     from memento.engine import cli as engine_cli
     from memento.eval import cli as eval_cli
     from memento.integrations.vllm import cli as vllm_cli
+    from memento.probe import cli as probe_cli
     from memento.serve import cli as serve_cli
     from memento.toy import cli as toy_cli
     from memento.train import cli as train_cli
@@ -56,6 +57,7 @@ def _register_commands() -> None:
         engine_cli,
         vllm_cli,
         serve_cli,
+        probe_cli,
     ):
         module.register(app)
 

@@ -98,17 +98,17 @@ def config_for_mode(mode: str, masking: BlockMaskingConfig | None = None) -> Blo
     """The masking config a generation mode runs under; the one place a mode gets its meaning.
 
     `full` never evicts (tracking only), `memento` uses `masking` as given (default keep 0),
-    `restart` turns on restart_mode. Used by the engine, eval's offline replay, `memento kv` and
+    `restart` turns on restart_mode (with `restart_kv_only` from `masking`: the fair variant). Used by the engine, eval's offline replay, `memento kv` and
     the vLLM validation, so a mode means the same everywhere."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     config = masking or BlockMaskingConfig()
     if mode == "full":
-        return replace(config, keep_last_n_blocks=-1, restart_mode=False)
+        return replace(config, keep_last_n_blocks=-1, restart_mode=False, restart_kv_only=False)
     if mode == "restart":
         return replace(config, restart_mode=True)
-    if config.restart_mode:
-        raise ValueError("masking.restart_mode=True needs mode='restart'")
+    if config.restart_mode or config.restart_kv_only:
+        raise ValueError("masking.restart_mode / restart_kv_only need mode='restart'")
     return config
 
 

@@ -1,0 +1,181 @@
+"""The restart ablation, made fair: sampled generations of one model under several KV semantics.
+
+`memento` keeps the mementos' KV as computed while their block was visible; `restart` (today's
+ablation, as in the original overlay) evicts the block *with its delimiters* and recomputes the
+memento from `<|summary_start|>`; `restart_kv` (`BlockMaskingConfig.restart_kv_only`) evicts exactly
+what memento mode evicts and recomputes every kept token that saw the block, so the text is the
+same and only the KV channel differs. Every mode draws the same per-sample seeds, so samples are
+paired: until the first memento ends the modes produce the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memento.format import THINK_END, parse
+from memento.masking import BlockMaskingConfig
+from memento.probe.stats import bootstrap, paired_difference
+from memento.toy.tasks import ChainProblem, ChainTask, ProbeTask
+
+MODES: dict[str, tuple[str, BlockMaskingConfig]] = {
+    "full": ("full", BlockMaskingConfig()),
+    "memento": ("memento", BlockMaskingConfig()),
+    "restart": ("restart", BlockMaskingConfig()),
+    "restart_kv": ("restart", BlockMaskingConfig(restart_kv_only=True)),
+}
+
+PAPER_TEMPERATURE = 0.6  # Qwen3's recommended thinking-mode sampling, as used for the paper's model
+PAPER_TOP_P = 0.95
+
+_PROBE_BLOCK = re.compile(r"^\d( \d)*( passcode \d{5})?$")
+_PROBE_SUM = re.compile(r"^sum=(\d+)$")
+
+
+def answer_text(text: str) -> str:
+    """What follows `</think>`, without end-of-turn tokens ("" if there is no `</think>`)."""
+    _, sep, answer = text.partition(THINK_END)
+    if not sep:
+        return ""
+    return answer.replace("<|endoftext|>", "").replace("<|im_end|>", "").strip()
+
+
+def score_probe_sample(task: ProbeTask, text: str, finish_reason: str) -> dict:
+    """A probing-toy generation: the model writes its own random digits, so it is *correct* when its
+    answer is the total of the digits it wrote, and *well-formed* when it stopped by itself with
+    `task.blocks` blocks of `task.block_digits` digits, each followed by `sum=NNN`, then an answer."""
+    trace, problems = parse(text)
+    blocks = [b.reasoning.split(" passcode ")[0].split() for b in trace.blocks]
+    shape_ok = (
+        finish_reason == "stop"
+        and not problems
+        and len(trace.blocks) == task.blocks
+        and all(_PROBE_BLOCK.match(b.reasoning.strip()) for b in trace.blocks)
+        and all(len(d) == task.block_digits for d in blocks)
+        and all(_PROBE_SUM.match(b.memento.strip()) for b in trace.blocks)
+        and bool(_PROBE_SUM.match(answer_text(text)))
+    )
+    total, right, count = 0, 0, 0
+    for digits, block in zip(blocks, trace.blocks, strict=True):
+        total += sum(int(d) for d in digits if d.isdigit())
+        m = _PROBE_SUM.match(block.memento.strip())
+        count += 1
+        right += bool(m) and int(m.group(1)) == total
+    m = _PROBE_SUM.match(answer_text(text))
+    correct = bool(m) and bool(blocks) and int(m.group(1)) == total
+    return {"well_formed": shape_ok, "correct": correct, "mementos_correct": right / count if count else 0.0}
+
+
+def score_chain_sample(task: ChainTask, problem: ChainProblem, text: str, finish_reason: str) -> dict:
+    """A demo-task generation: correct = exact final state; well-formed = stopped by itself with at
+    least one block, every block closed by a memento, nothing malformed, and an answer."""
+    trace, problems = parse(text)
+    answer = answer_text(text)
+    return {
+        "well_formed": finish_reason == "stop" and not problems and len(trace.blocks) > 0 and bool(answer),
+        "correct": task.is_correct(problem, answer),
+    }
+
+
+@dataclass(frozen=True)
+class SampledRun:
+    """`scores[mode][prompt][sample]` dicts; prompts x samples per mode, same seeds in every mode."""
+
+    scores: dict[str, list[list[dict]]]
+    tokens: dict[str, int]
+    seconds: dict[str, float]
+
+
+def sample_modes(
+    model_dir: str | Path,
+    prompts: list[str],
+    modes: list[str],
+    score: Callable[[int, str, str], dict],
+    *,
+    samples: int,
+    max_new_tokens: int,
+    seed: int,
+    temperature: float = PAPER_TEMPERATURE,
+    top_p: float = PAPER_TOP_P,
+    batch: int = 32,
+    progress: Callable[[str, int], None] | None = None,
+) -> SampledRun:
+    """Generate `samples` per prompt under each mode (sample k of prompt i uses seed `seed + 1000 i + k`)
+    and score each with `score(prompt_index, text, finish_reason)`."""
+    import time
+
+    from memento.engine import Engine, SamplingParams
+
+    scores: dict[str, list[list[dict]]] = {}
+    tokens: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    for name in modes:
+        mode, masking = MODES[name]
+        engine = Engine.from_pretrained(str(model_dir), mode=mode, masking=masking, max_batch_size=batch)
+        params = [
+            SamplingParams(
+                temperature=temperature, top_p=top_p, n=samples, seed=seed + 1000 * i, max_new_tokens=max_new_tokens
+            )
+            for i in range(len(prompts))
+        ]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            outs = engine.generate(
+                prompts, params, progress=None if progress is None else (lambda _o, n=name: progress(n, 1))
+            )
+        seconds[name] = time.perf_counter() - t0
+        per: list[list[dict]] = [[] for _ in prompts]
+        for o in outs:
+            per[o.prompt_index].append(score(o.prompt_index, o.text, o.finish_reason) | {"tokens": len(o.output_ids)})
+        scores[name] = per
+        tokens[name] = sum(len(o.output_ids) for o in outs)
+    return SampledRun(scores, tokens, seconds)
+
+
+def summarize(run: SampledRun, reference: str = "memento", seed: int = 0) -> dict:
+    """Per mode: accuracy and well-formedness (and memento accuracy when scored) with 95% bootstrap
+    intervals over prompts (over samples when there is one prompt), and paired differences to
+    `reference`."""
+
+    def units(per: list[list[dict]], key: str) -> torch.Tensor:
+        if len(per) == 1:  # one prompt (the probing toy): the samples are the independent units
+            return torch.tensor([float(s[key]) for s in per[0]])
+        return torch.tensor([sum(float(s[key]) for s in samples) / len(samples) for samples in per])
+
+    out: dict = {}
+    for mode, per in run.scores.items():
+        keys = [k for k in ("correct", "well_formed", "mementos_correct") if k in per[0][0]]
+        row = {k: bootstrap(units(per, k), seed=seed).to_dict() for k in keys}
+        if reference in run.scores and mode != reference:
+            ref = run.scores[reference]
+            row["vs_" + reference] = {
+                k: paired_difference(units(per, k), units(ref, k), seed=seed).to_dict() for k in keys
+            }
+        row["samples"] = sum(len(s) for s in per)
+        row["mean_tokens"] = run.tokens[mode] / max(1, row["samples"])
+        row["seconds"] = round(run.seconds[mode], 2)
+        out[mode] = row
+    return out
+
+
+def read_demo_run(run_dir: str | Path) -> tuple[ChainTask, list[ChainProblem], Path]:
+    """The task, held-out problems and Memento model of a finished `memento demo` run directory."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "demo_config.json"
+    model_dir = run_dir / "model-memento"
+    test_path = run_dir / "data" / "test.jsonl"
+    for path in (config_path, model_dir / "config.json", test_path):
+        if not path.is_file():
+            raise ValueError(f"{run_dir}: not a finished `memento demo` run ({path.name} is missing)")
+    profile = json.loads(config_path.read_text()).get("profile", {})
+    try:
+        task = ChainTask(digits=profile["digits"], block_steps=profile["block_steps"], max_steps=profile["max_steps"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{config_path}: cannot read the demo's task settings ({exc})") from exc
+    problems = [ChainProblem(**json.loads(line)) for line in test_path.read_text().splitlines() if line.strip()]
+    return task, problems, model_dir

@@ -1,0 +1,136 @@
+"""KV features at memento positions, under any block semantics, from one dense forward per batch.
+
+Every semantics is a `memento.masking.VirtualSequence` (entries, each a token at its original
+position, and which entries each may see): the Stage-2 mask, full attention, restart (the memento's
+KV recomputed without its block) and, for patching, entries spliced in from another problem. The
+forward's KV cache then holds exactly the keys and values the engine would have cached.
+
+Keys are taken **after RoPE** (what the cache holds and later queries read). Within one probe set
+every memento sits at the same position in every problem, so post-RoPE keys are a fixed rotation of
+the pre-RoPE ones, position by position, and a probe cannot tell the difference. A memento's
+features at one layer are the mean over its tokens (`<|summary_start|>` and the memento text, the
+tokens computed while the block was visible) of the keys and of the values, all KV heads
+concatenated: `[keys | values]`, `2 * kv_heads * head_dim` numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from memento.hf import with_cache
+from memento.masking import BlockMaskingConfig, BlockTracker, VirtualSequence, virtual_sequence
+from memento.tokens import MarkerIds
+
+SEMANTICS: dict[str, BlockMaskingConfig] = {
+    "memento": BlockMaskingConfig(),  # the Stage-2 mask (keep 0, delimiters kept)
+    "full": BlockMaskingConfig.full(),  # nothing evicted: later mementos see the block directly
+    "restart": BlockMaskingConfig(restart_mode=True),  # today's restart: block and delimiters evicted
+    "restart_kv": BlockMaskingConfig(restart_mode=True, restart_kv_only=True),  # only the KV channel removed
+}
+
+
+def memento_spans(token_ids: Sequence[int], markers: MarkerIds) -> list[tuple[int, int]]:
+    """`[ss, se)` of every completed block's memento, in block order."""
+    tracker = BlockTracker(markers, BlockMaskingConfig.full())
+    tracker.feed_all(token_ids)
+    return [(b.ss, b.se) for b in tracker.blocks if b.complete]
+
+
+@dataclass
+class Entries:
+    """One row of a dense forward: entry tokens, their position ids, and who may see whom."""
+
+    tokens: list[int]
+    positions: list[int]
+    visible: torch.BoolTensor
+
+    @classmethod
+    def of(cls, token_ids: Sequence[int], virtual: VirtualSequence) -> Entries:
+        return cls([int(token_ids[p]) for p in virtual.positions], list(virtual.positions), virtual.visible)
+
+
+@dataclass
+class ForwardResult:
+    keys: list[torch.Tensor]  # per layer [B, kv_heads, n, head_dim] (post-RoPE)
+    values: list[torch.Tensor]
+    logits: torch.Tensor | None  # [B, n, vocab] when asked for
+
+
+@torch.no_grad()
+def run_entries(model, rows: list[Entries], logits: bool = False) -> ForwardResult:
+    """One forward over right-padded rows of entries; padding entries see only themselves."""
+    from transformers import DynamicCache
+
+    n = max(len(r.tokens) for r in rows)
+    batch = len(rows)
+    ids = torch.zeros(batch, n, dtype=torch.long)
+    pos = torch.zeros(batch, n, dtype=torch.long)
+    mask = torch.eye(n, dtype=torch.bool).repeat(batch, 1, 1)
+    for b, r in enumerate(rows):
+        m = len(r.tokens)
+        ids[b, :m] = torch.tensor(r.tokens)
+        pos[b, :m] = torch.tensor(r.positions)
+        pos[b, m:] = torch.arange(m, n)
+        mask[b, :m, :m] = r.visible
+    device = next(model.parameters()).device
+    cache = DynamicCache()
+    out = model(
+        input_ids=ids.to(device),
+        position_ids=pos.to(device),
+        attention_mask=mask[:, None].to(device),
+        use_cache=True,
+        logits_to_keep=0 if logits else 1,
+        **with_cache(model, cache),
+    )
+    keys = [layer.keys.float().cpu() for layer in cache.layers]
+    values = [layer.values.float().cpu() for layer in cache.layers]
+    return ForwardResult(keys, values, out.logits.float().cpu() if logits else None)
+
+
+def pool_mementos(
+    result: ForwardResult, row: int, spans: list[tuple[int, int]], entry_of: Sequence[int]
+) -> torch.Tensor:
+    """`[mementos, layers, 2 * kv_heads * head_dim]`: per memento and layer, mean key | mean value
+    over the memento's tokens, read at the entries `entry_of[position]`."""
+    out = []
+    for ss, se in spans:
+        idx = torch.tensor([entry_of[p] for p in range(ss, se)])
+        per_layer = [
+            torch.cat([k[row][:, idx].mean(dim=1).reshape(-1), v[row][:, idx].mean(dim=1).reshape(-1)])
+            for k, v in zip(result.keys, result.values, strict=True)
+        ]
+        out.append(torch.stack(per_layer))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def extract(
+    model,
+    sequences: Sequence[Sequence[int]],
+    markers: MarkerIds,
+    semantics: str,
+    *,
+    batch_size: int = 32,
+    progress=None,
+) -> torch.Tensor:
+    """Memento KV features of every sequence under `semantics` (a key of `SEMANTICS`):
+    `[sequences, mementos, layers, features]`. Every sequence must have the same number of blocks.
+    The features are read where later tokens read them (`VirtualSequence.last`: in restart, the
+    recomputed copy)."""
+    config = SEMANTICS[semantics]
+    feats = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        virtual = [virtual_sequence(ids, markers, config) for ids in chunk]
+        result = run_entries(model, [Entries.of(ids, v) for ids, v in zip(chunk, virtual, strict=True)])
+        for b, (ids, v) in enumerate(zip(chunk, virtual, strict=True)):
+            feats.append(pool_mementos(result, b, memento_spans(ids, markers), v.last))
+        if progress is not None:
+            progress(len(chunk))
+    counts = {f.shape[0] for f in feats}
+    if len(counts) != 1:
+        raise ValueError(f"sequences have different numbers of completed blocks: {sorted(counts)}")
+    return torch.stack(feats)

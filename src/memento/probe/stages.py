@@ -1,0 +1,415 @@
+"""The stages of `memento probe` (see `memento.probe.study` for the order and what each leaves)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from memento.probe.data import DEV, TRAIN, VAL, label_sets, probe_problems
+from memento.probe.study import StudyConfig, Ui, paths
+from memento.toy.tasks import TRAIN as TASK_TRAIN
+from memento.toy.tasks import ProbeProblem, ProbeTask
+
+TASK = ProbeTask()
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def stage_data(cfg: StudyConfig, ui: Ui) -> dict:
+    """Tokenizer + untrained model + training traces (some with a passcode) + probe problems."""
+    from memento.format import write_traces
+    from memento.toy.kit import DEFAULT_CORPUS, build_tiny_model, build_tokenizer, save_toy_model
+
+    s, p = cfg.settings, paths(cfg)
+    rng = random.Random(f"probe-data-{cfg.seed}")
+    sample = [_with_passcode(q, rng, 1.0) for q in TASK.problems(40, seed=12345)]
+    tokenizer = build_tokenizer([*DEFAULT_CORPUS, *(f"{t.problem}\n{t.render()}" for t in TASK.traces(sample))])
+    model = build_tiny_model(
+        tokenizer, layers=s.layers, hidden=s.hidden, heads=s.heads, kv_heads=s.kv_heads,
+        intermediate=3 * s.hidden, max_position=1024, seed=cfg.seed,
+    )  # fmt: skip
+    save_toy_model(p["init"], tokenizer, model)
+    train = [_with_passcode(q, rng, s.passcode_rate) for q in TASK.problems(s.n_train, split=TASK_TRAIN, seed=cfg.seed)]
+    p["train"].parent.mkdir(parents=True, exist_ok=True)
+    write_traces(p["train"], TASK.traces(train))
+    probes = probe_problems(TASK, s.n_probe, s.target, cfg.seed)
+    p["probe"].write_text(json.dumps([asdict(q) for q in probes]))
+    params = sum(x.numel() for x in model.parameters())
+    ui.log(
+        f"  model {params / 1e6:.2f}M params ({s.layers} layers, d={s.hidden}) · {len(train)} training traces "
+        f"({s.passcode_rate:.0%} with a passcode) · {len(probes)} held-out probe problems (passcode in block {s.target})"
+    )
+    return {"params": params, "vocab": len(tokenizer), "n_train": len(train), "n_probe": len(probes)}
+
+
+def _with_passcode(problem: ProbeProblem, rng: random.Random, rate: float) -> ProbeProblem:
+    if rng.random() >= rate:
+        return problem
+    return TASK.inject_passcode(problem, rng.randrange(TASK.blocks), f"{rng.randrange(100000):05d}")
+
+
+def read_probe_problems(cfg: StudyConfig) -> list[ProbeProblem]:
+    return [ProbeProblem(**d) for d in json.loads(paths(cfg)["probe"].read_text())]
+
+
+def tokenize(tokenizer, problems: list[ProbeProblem]) -> list[list[int]]:
+    from memento.train.data import tokenize_trace
+
+    return [tokenize_trace(TASK.trace(q), tokenizer).input_ids for q in problems]
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+RUNS = {  # run -> (start, stage, masking, steps key)
+    "stage1": ("init", "full", {}, "stage1_steps"),
+    "memento": ("stage1", "memento", {}, "stage2_steps"),
+    "control": ("stage1", "full", {}, "stage2_steps"),
+    "restart": ("stage1", "memento", {"restart_mode": True, "restart_kv_only": True}, "stage2_steps"),
+}
+
+
+def stage_train(cfg: StudyConfig, ui: Ui, run: str) -> dict:
+    """One step-budgeted run of `memento.train`. Stage 2 (`memento`) keeps evenly spaced checkpoints
+    (weights only) so the probes can follow training."""
+    from memento.train import SFTConfig, train
+
+    s, p = cfg.settings, paths(cfg)
+    start, stage, masking, steps_key = RUNS[run]
+    steps = getattr(s, steps_key)
+    out = p[run]
+    if out.exists():
+        shutil.rmtree(out)  # an unfinished earlier attempt: start the run over
+    save_every = max(1, steps // (s.checkpoints + 1)) if run == "memento" and s.checkpoints else 10**9
+    sft = SFTConfig(
+        model=str(p[start]), data=str(p["train"]), output_dir=str(out), stage=stage, masking=masking,
+        max_steps=steps, lr=s.lr if run == "stage1" else s.lr / 2, warmup_ratio=0.05, weight_decay=0.01,
+        adam_beta2=0.98, batch_size=s.batch_size, save_steps=save_every, logging_steps=10, seed=cfg.seed,
+        progress=False,
+    )  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train(sft)
+    kept = []
+    for ckpt in sorted(out.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])):
+        step = int(ckpt.name.split("-")[1])
+        if run == "memento" and step < steps:
+            for extra in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+                (ckpt / extra).unlink(missing_ok=True)
+            kept.append(step)
+        else:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    ui.log(
+        f"  {run}: {result.global_step} steps in {result.seconds:.0f}s · {result.tokens_per_s:,.0f} tokens/s · "
+        f"final loss {losses[-1] if losses else float('nan'):.4f}"
+    )
+    return {"steps": result.global_step, "train_seconds": round(result.seconds, 1), "final_loss": result.final_loss,
+            "tokens_per_s": round(result.tokens_per_s, 1), "checkpoints": kept,
+            "loss_curve": [(h["step"], h["loss"]) for h in result.log_history if "loss" in h]}  # fmt: skip
+
+
+def checkpoint_dirs(cfg: StudyConfig) -> list[tuple[int, Path]]:
+    """(stage-2 step, model dir) from the end of stage 1 (step 0) to the final model."""
+    p = paths(cfg)
+    out = [(0, p["stage1"])]
+    for ckpt in sorted(p["memento"].glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])):
+        out.append((int(ckpt.name.split("-")[1]), ckpt))
+    out.append((cfg.settings.stage2_steps, p["memento"]))
+    return out
+
+
+# --- features -------------------------------------------------------------------------------------
+
+# condition -> (model, semantics). Checkpoints are added as "step-N".
+CONDITIONS: dict[str, tuple[str, str]] = {
+    "memento": ("memento", "memento"),  # M3 (later mementos), M1 (earlier), the block's own memento
+    "direct": ("memento", "full"),  # M2: the same later mementos, the block directly visible
+    "restart_kv": ("memento", "restart_kv"),  # mementos' KV recomputed without any block (fair)
+    "restart": ("memento", "restart"),  # today's restart (block and delimiters evicted)
+    "untrained": ("init", "memento"),
+    "control": ("control", "memento"),  # trained with full attention only, probed under the mask
+    "restart_trained": ("restart", "restart_kv"),  # trained under restart semantics, run under them
+}
+
+
+def conditions(cfg: StudyConfig) -> dict[str, tuple[Path, str]]:
+    p = paths(cfg)
+    out = {name: (p[model], semantics) for name, (model, semantics) in CONDITIONS.items()}
+    for step, model_dir in checkpoint_dirs(cfg)[:-1]:
+        out[f"step-{step}"] = (model_dir, "memento")
+    return out
+
+
+def load_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def stage_extract(cfg: StudyConfig, ui: Ui) -> dict:
+    """Memento KV features of every probe problem under every condition -> features/<cond>.pt
+    (`[problems, mementos, layers, 2 * kv_heads * head_dim]`, float16)."""
+    from transformers import AutoTokenizer
+
+    from memento.probe.features import extract
+    from memento.tokens import MarkerIds
+
+    p = paths(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(p["init"])
+    markers = MarkerIds.from_tokenizer(tokenizer)
+    sequences = tokenize(tokenizer, read_probe_problems(cfg))
+    p["features"].mkdir(parents=True, exist_ok=True)
+    shapes = {}
+    for name, (model_dir, semantics) in conditions(cfg).items():
+        target = p["features"] / f"{name}.pt"
+        if target.is_file():
+            continue
+        feats = extract(load_model(model_dir), sequences, markers, semantics)
+        tmp = target.with_suffix(".tmp")
+        torch.save(feats.half(), tmp)
+        tmp.replace(target)
+        shapes[name] = list(feats.shape)
+        ui.log(f"  {name}: {semantics} semantics, features {tuple(feats.shape)}")
+    return {"shapes": shapes, "tokens_per_problem": len(sequences[0])}
+
+
+# --- probes ---------------------------------------------------------------------------------------
+
+
+def probe_plan(cfg: StudyConfig, names: list[str]) -> list[dict]:
+    """Which (label, probe kind, seeds, condition, mementos) to train. Everything on the main
+    condition; the controls on the mementos from the labelled block on; checkpoints at +1, +2."""
+    s = cfg.settings
+    seeds = list(range(s.probe_seeds))
+    everything = list(range(TASK.blocks))
+    from_target = list(range(s.target, TASK.blocks))
+    plan = []
+    for label in ("passcode", "digits"):
+        plan.append({"label": label, "kind": "mlp", "seeds": seeds, "cond": "memento", "mementos": everything})
+        plan.append({"label": label, "kind": "linear", "seeds": [0], "cond": "memento", "mementos": everything})
+        plan.append({"label": label, "kind": "mlp", "seeds": seeds, "cond": "restart_kv", "mementos": from_target})
+        plan.append({"label": label, "kind": "linear", "seeds": [0], "cond": "restart_kv", "mementos": from_target})
+        plan.append({"label": label, "kind": "mlp", "seeds": [0], "cond": "direct", "mementos": from_target})
+        for cond in ("restart", "untrained", "control", "restart_trained"):
+            plan.append({"label": label, "kind": "mlp", "seeds": [0], "cond": cond, "mementos": from_target})
+        for cond in names:
+            if cond.startswith("step-"):
+                later = [j for j in (s.target + 1, s.target + 2) if j < TASK.blocks]
+                plan.append({"label": label, "kind": "mlp", "seeds": [0], "cond": cond, "mementos": later})
+    for kind in ("mlp", "linear"):
+        plan.append({"label": "control", "kind": kind, "seeds": [0], "cond": "memento", "mementos": everything})
+    plan.append({"label": "digits_last", "kind": "mlp", "seeds": [0], "cond": "memento", "mementos": everything})
+    return plan
+
+
+def stage_probe(cfg: StudyConfig, ui: Ui) -> dict:
+    """Train every probe of `probe_plan`; results/probes.json holds, per label / kind / condition /
+    layer / memento, the validation accuracy with its bootstrap interval over problems (seeds
+    averaged per problem) and each seed's mean; the main digits probe is kept for patching."""
+    from memento.probe.probes import ProbeConfig, fit_probes
+    from memento.probe.stats import bootstrap_many
+
+    s, p = cfg.settings, paths(cfg)
+    problems = read_probe_problems(cfg)
+    labels = label_sets(problems, cfg.seed)
+    names = list(conditions(cfg))
+    feats = {n: torch.load(p["features"] / f"{n}.pt") for n in names}
+    layers = feats["memento"].shape[2]
+    p["results"].mkdir(parents=True, exist_ok=True)
+    splits = {name: ls.split(s.val_fraction, s.dev_fraction, cfg.seed) for name, ls in labels.items()}
+    results: dict = {}
+    for job in probe_plan(cfg, names):
+        ls, split = labels[job["label"]], splits[job["label"]]
+        x = feats[job["cond"]][:, job["mementos"]]  # [N, J, L, F]
+        groups = x.permute(1, 2, 0, 3).reshape(len(job["mementos"]) * layers, x.shape[0], x.shape[-1])
+        y = ls.labels
+        per_seed, train_acc = [], []
+        for seed in job["seeds"]:
+            probe_cfg = ProbeConfig(
+                kind=job["kind"], hidden=s.probe_hidden, epochs=s.probe_epochs, batch_size=s.probe_batch,
+                lr=s.probe_lr, seed=seed,
+            )  # fmt: skip
+            fitted = fit_probes(groups[:, split[TRAIN]], y[split[TRAIN]], groups[:, split[DEV]], y[split[DEV]], probe_cfg)
+            right = (fitted.predict(groups[:, split[VAL]]) == y[split[VAL]][None]).float().mean(dim=2)  # [G, M]
+            per_seed.append(right)
+            train_acc.append((fitted.predict(groups[:, split[TRAIN]]) == y[split[TRAIN]][None]).float().mean(dim=(1, 2)))
+            if (job["label"], job["kind"], job["cond"], seed) == ("digits", "mlp", "memento", 0):
+                torch.save({"fitted": fitted, "mementos": job["mementos"], "layers": layers}, p["results"] / "digits_probe.pt")
+        scores = torch.stack(per_seed).mean(0)  # seeds averaged per problem
+        estimates = bootstrap_many(scores, resamples=s.bootstrap, seed=cfg.seed)
+        seed_means = torch.stack(per_seed).mean(dim=2)  # [seeds, G]
+        cells = []
+        for g, est in enumerate(estimates):
+            j, layer = job["mementos"][g // layers], g % layers
+            cells.append({
+                "memento": j, "distance": j - ls.block, "layer": layer, **est.to_dict(),
+                "seeds": [round(float(v), 4) for v in seed_means[:, g]],
+                "train": round(float(torch.stack(train_acc)[:, g].mean()), 4),
+                "text_baseline": ls.text_baseline(j - ls.block, CONDITION_SEMANTICS.get(job["cond"], "memento")).per_digit,
+            })  # fmt: skip
+        results.setdefault(job["label"], {}).setdefault(job["kind"], {})[job["cond"]] = cells
+        ui.log(f"  {job['label']:<11} {job['kind']:<6} {job['cond']:<16} {len(cells)} probes x {len(job['seeds'])} seeds")
+    sizes = {name: {k: int(v.numel()) for k, v in sp.items()} for name, sp in splits.items()}
+    overlap = {name: _split_overlap(labels[name].keys, sp) for name, sp in splits.items()}
+    out = {"results": results, "split_sizes": sizes, "split_key_overlap": overlap, "layers": layers}
+    (p["results"] / "probes.json").write_text(json.dumps(out))
+    return {"split_sizes": sizes, "split_key_overlap": overlap}
+
+
+CONDITION_SEMANTICS = {name: semantics for name, (_, semantics) in CONDITIONS.items()}
+
+
+def _split_overlap(keys: list[str], split: dict[str, torch.Tensor]) -> int:
+    """How many validation keys (passcodes) also occur in training (must be 0)."""
+    train = {keys[i] for i in split[TRAIN].tolist()}
+    return sum(keys[i] in train for i in split[VAL].tolist())
+
+
+# --- use: patching -------------------------------------------------------------------------------
+
+
+def stage_patching(cfg: StudyConfig, ui: Ui) -> dict:
+    """Patch A's block-t memento KV into B (same memento text, other digits in block t)."""
+    from transformers import AutoTokenizer
+
+    from memento.probe.patching import run_pairs, same_total_twin
+    from memento.probe.stats import bootstrap, bootstrap_many
+    from memento.tokens import MarkerIds
+
+    s, p = cfg.settings, paths(cfg)
+    problems = read_probe_problems(cfg)
+    labels = label_sets(problems, cfg.seed)["digits"]
+    split = labels.split(s.val_fraction, s.dev_fraction, cfg.seed)
+    train_keys = {labels.keys[i] for i in split[TRAIN].tolist()}
+    rng = random.Random(f"patch-{cfg.seed}")
+    recipients = [problems[i] for i in split[VAL].tolist()[: s.n_patch]]
+    donors = []
+    for b in recipients:
+        while True:
+            a = same_total_twin(b, s.target, rng)
+            if "".join(map(str, a.digits[s.target])) not in train_keys:
+                break
+        donors.append(a)
+    tokenizer = AutoTokenizer.from_pretrained(p["init"])
+    markers = MarkerIds.from_tokenizer(tokenizer)
+    ids_a, ids_b = tokenize(tokenizer, donors), tokenize(tokenizer, recipients)
+    res = run_pairs(load_model(p["memento"]), list(zip(ids_a, ids_b, strict=True)), markers, s.target)
+    out: dict = {"pairs": len(recipients)}
+    for run in ("patched", "ablated"):
+        rows = res[run]
+        out[run] = {
+            key: bootstrap(torch.tensor([getattr(r, key) for r in rows]), resamples=s.bootstrap, seed=cfg.seed).to_dict()
+            for key in ("kl_all", "kl_memento", "changed_memento", "correct_memento")
+        }  # fmt: skip
+    saved = torch.load(p["results"] / "digits_probe.pt", weights_only=False)
+    fitted, mementos, layers = saved["fitted"], saved["mementos"], saved["layers"]
+    y_a = torch.tensor([list(a.digits[s.target]) for a in donors])
+    y_b = torch.tensor([list(b.digits[s.target]) for b in recipients])
+    readout: dict = {}
+    for run, feats in res["features"].items():
+        x = feats[:, mementos].permute(1, 2, 0, 3).reshape(len(mementos) * layers, feats.shape[0], feats.shape[-1])
+        pred = fitted.predict(x)
+        for who, y in (("recipient", y_b), ("donor", y_a)):
+            right = (pred == y[None]).float().mean(dim=2)
+            cells = []
+            for g, est in enumerate(bootstrap_many(right, resamples=s.bootstrap, seed=cfg.seed)):
+                j = mementos[g // layers]
+                if j > s.target:
+                    cells.append({"memento": j, "distance": j - s.target, "layer": g % layers, **est.to_dict()})
+            readout.setdefault(run, {})[who] = cells
+    out["readout"] = readout
+    (p["results"] / "patching.json").write_text(json.dumps(out))
+    pk = out["patched"]
+    ui.log(
+        f"  {len(recipients)} pairs · patched: KL at later memento digits {pk['kl_memento']['mean']:.4f}, "
+        f"greedy digits changed {pk['changed_memento']['mean']:.1%}"
+    )
+    return {"pairs": len(recipients)}
+
+
+# --- ablation -------------------------------------------------------------------------------------
+
+
+def _max_new(tokenizer, extra: float = 1.25) -> int:
+    longest = max(len(tokenizer.encode(TASK.trace(q).render(), add_special_tokens=False)) for q in TASK.problems(20, seed=7))
+    return int(longest * extra) + 16
+
+
+def stage_ablation(cfg: StudyConfig, ui: Ui) -> dict:
+    """Sampled generations on the probing toy: the memento model under memento / restart / fair
+    restart, the restart-trained model, the full-attention control, and task accuracy over the
+    stage-2 checkpoints."""
+    from transformers import AutoTokenizer
+
+    from memento.probe.ablation import sample_modes, score_probe_sample, summarize
+
+    s, p = cfg.settings, paths(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(p["init"])
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": TASK.prompt_text}], tokenize=False, add_generation_prompt=True
+    )
+    max_new = s.max_new_tokens or _max_new(tokenizer)
+
+    def score(_i: int, text: str, finish: str) -> dict:
+        return score_probe_sample(TASK, text, finish)
+
+    def run(model_dir: Path, modes: list[str], samples: int, seed: int) -> dict:
+        sampled = sample_modes(model_dir, [prompt], modes, score, samples=samples, max_new_tokens=max_new, seed=seed)
+        return summarize(sampled, seed=cfg.seed)
+
+    seed = 10_000 * (cfg.seed + 1)
+    out = {
+        "memento_model": run(p["memento"], ["memento", "restart", "restart_kv"], s.ablation_samples, seed),
+        "restart_model": run(p["restart"], ["restart_kv", "memento"], s.ablation_samples, seed),
+        "control_model": run(p["control"], ["full"], s.ablation_samples, seed),
+        "curve": [],
+    }
+    for step, model_dir in checkpoint_dirs(cfg):
+        row = run(model_dir, ["memento"], s.curve_samples, seed)["memento"]
+        out["curve"].append({"step": step, **row})
+    (p["results"] / "ablation.json").write_text(json.dumps(out))
+    for name in ("memento", "restart", "restart_kv"):
+        r = out["memento_model"][name]
+        ui.log(f"  memento model, {name:<10}: accuracy {r['correct']['mean']:.1%} · well-formed {r['well_formed']['mean']:.1%}")
+    return {"samples": s.ablation_samples}
+
+
+def stage_ablation_demo(cfg: StudyConfig, ui: Ui) -> dict:
+    """The same three modes on a trained `memento demo` model (held-out chain problems)."""
+    from transformers import AutoTokenizer
+
+    from memento.probe.ablation import read_demo_run, sample_modes, score_chain_sample, summarize
+
+    s, p = cfg.settings, paths(cfg)
+    task, problems, model_dir = read_demo_run(cfg.demo_run)
+    problems = problems[: s.demo_problems]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": task.prompt(q)}], tokenize=False, add_generation_prompt=True)
+        for q in problems
+    ]  # fmt: skip
+    longest = max(len(tokenizer.encode(task.trace(q).render(), add_special_tokens=False)) for q in problems)
+
+    def score(i: int, text: str, finish: str) -> dict:
+        return score_chain_sample(task, problems[i], text, finish)
+
+    sampled = sample_modes(
+        model_dir, prompts, ["memento", "restart", "restart_kv"], score, samples=s.demo_samples,
+        max_new_tokens=s.max_new_tokens or int(longest * 1.25) + 32, seed=20_000 * (cfg.seed + 1),
+    )  # fmt: skip
+    out = {"demo_run": str(cfg.demo_run), "problems": len(problems), "samples": s.demo_samples,
+           "modes": summarize(sampled, seed=cfg.seed)}  # fmt: skip
+    p["results"].mkdir(parents=True, exist_ok=True)
+    (p["results"] / "ablation_demo.json").write_text(json.dumps(out))
+    for name, r in out["modes"].items():
+        ui.log(f"  demo model, {name:<10}: accuracy {r['correct']['mean']:.1%} · well-formed {r['well_formed']['mean']:.1%}")
+    return {"problems": len(problems)}
+
