@@ -159,3 +159,20 @@ def test_samples_do_not_touch_global_rng():
     ChainTask().problems(10, seed=0)
     ProbeTask().problems(3, seed=0)
     assert random.getstate() == state
+
+
+def test_worked_probe_blocks_show_the_running_total_and_read_back():
+    plain, worked = ProbeTask(), ProbeTask(worked=True)
+    p = plain.inject_passcode(plain.problems(1, seed=4)[0], 1, "00042")
+    a, b = plain.trace(p), worked.trace(p)
+    assert [x.memento for x in a.blocks] == [x.memento for x in b.blocks] and a.answer == b.answer
+    first = b.blocks[0].reasoning.split()
+    total = 0
+    for item, d in zip(first, p.digits[0], strict=True):
+        total += d
+        assert item == f"{d}:{total:03d}"
+    assert b.blocks[1].reasoning.endswith(" passcode 00042")
+    for task, trace in ((plain, a), (worked, b)):
+        assert [task.read_block(x.reasoning) for x in trace.blocks] == [list(d) for d in p.digits]
+    assert worked.read_block("1 2 3 4 5") is None and plain.read_block(first[0]) is None
+    assert plain.read_block("1 2 3 4") is None and plain.read_block("1 2 3 4 5 passcode 12") is None

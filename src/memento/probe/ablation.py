@@ -33,7 +33,6 @@ MODES: dict[str, tuple[str, BlockMaskingConfig]] = {
 PAPER_TEMPERATURE = 0.6  # Qwen3's recommended thinking-mode sampling, as used for the paper's model
 PAPER_TOP_P = 0.95
 
-_PROBE_BLOCK = re.compile(r"^\d( \d)*( passcode \d{5})?$")
 _PROBE_SUM = re.compile(r"^sum=(\d+)$")
 
 
@@ -48,27 +47,25 @@ def answer_text(text: str) -> str:
 def score_probe_sample(task: ProbeTask, text: str, finish_reason: str) -> dict:
     """A probing-toy generation: the model writes its own random digits, so it is *correct* when its
     answer is the total of the digits it wrote, and *well-formed* when it stopped by itself with
-    `task.blocks` blocks of `task.block_digits` digits, each followed by `sum=NNN`, then an answer."""
+    `task.blocks` blocks in the task's block format, each followed by `sum=NNN`, then an answer."""
     trace, problems = parse(text)
-    blocks = [b.reasoning.split(" passcode ")[0].split() for b in trace.blocks]
-    shape_ok = (
+    blocks = [task.read_block(b.reasoning) for b in trace.blocks]
+    mementos = [_PROBE_SUM.match(b.memento.strip()) for b in trace.blocks]
+    answer = _PROBE_SUM.match(answer_text(text))
+    well_formed = (
         finish_reason == "stop"
         and not problems
         and len(trace.blocks) == task.blocks
-        and all(_PROBE_BLOCK.match(b.reasoning.strip()) for b in trace.blocks)
-        and all(len(d) == task.block_digits for d in blocks)
-        and all(_PROBE_SUM.match(b.memento.strip()) for b in trace.blocks)
-        and bool(_PROBE_SUM.match(answer_text(text)))
+        and all(d is not None for d in blocks)
+        and all(mementos)
+        and answer is not None
     )
-    total, right, count = 0, 0, 0
-    for digits, block in zip(blocks, trace.blocks, strict=True):
-        total += sum(int(d) for d in digits if d.isdigit())
-        m = _PROBE_SUM.match(block.memento.strip())
-        count += 1
-        right += bool(m) and int(m.group(1)) == total
-    m = _PROBE_SUM.match(answer_text(text))
-    correct = bool(m) and bool(blocks) and int(m.group(1)) == total
-    return {"well_formed": shape_ok, "correct": correct, "mementos_correct": right / count if count else 0.0}
+    total, right = 0, 0
+    for digits, m in zip(blocks, mementos, strict=True):
+        total += sum(digits or [])
+        right += m is not None and int(m.group(1)) == total
+    correct = answer is not None and bool(blocks) and all(d is not None for d in blocks) and int(answer.group(1)) == total
+    return {"well_formed": well_formed, "correct": correct, "mementos_correct": right / len(blocks) if blocks else 0.0}
 
 
 def score_chain_sample(task: ChainTask, problem: ChainProblem, text: str, finish_reason: str) -> dict:

@@ -24,19 +24,16 @@ def probe_command(
     problems, and run the fair restart ablation. Re-running with the same --out resumes."""
     from rich.console import Console
 
-    from memento.probe.study import StudyConfig, Ui, run_study
+    from memento.user_errors import check_count, check_output_dir, reported
 
-    try:
+    with reported("probe", resume="rerun the same command to resume after the last finished stage"):
+        check_count(threads, "--threads")
+        check_output_dir(out, "--out")
+        from memento.probe.study import StudyConfig, Ui, run_study
+
         cfg = StudyConfig(out=out, profile="quick" if quick else "default", seed=seed, threads=threads, demo_run=demo_run)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    console = Console(file=sys.stderr if as_json else sys.stdout)
-    try:
+        console = Console(file=sys.stderr if as_json else sys.stdout)
         report = run_study(cfg, Ui(console=console))
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

@@ -46,13 +46,13 @@ class Profile:
     # training data and budgets (steps of `batch_size` traces)
     n_train: int = 8000
     passcode_rate: float = 0.3  # training traces with a passcode in a random block
-    stage1_steps: int = 900
-    stage2_steps: int = 300
-    checkpoints: int = 3  # probed checkpoints inside stage 2 (plus the end of stage 1)
+    stage1_steps: int = 600
+    stage2_steps: int = 200
+    checkpoints: int = 1  # probed checkpoints inside stage 2 (plus the end of stage 1 and the final model)
     batch_size: int = 8
     lr: float = 3e-3
     # probing
-    n_probe: int = 3000
+    n_probe: int = 1500
     target: int = 2
     probe_seeds: int = 3
     probe_epochs: int = 15

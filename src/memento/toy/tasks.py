@@ -248,13 +248,21 @@ class ProbeProblem:
 class ProbeTask:
     """App. A.4.2 of the paper: `blocks` blocks of `block_digits` random digits; each memento holds
     the running sum (3 digits). A passcode injected into one block lets a probe ask later whether
-    information from an evicted block still leaks through the mementos' KV."""
+    information from an evicted block still leaks through the mementos' KV.
+
+    `worked=True` writes the running total after every digit inside the block (``2:015 1:016 ...``),
+    so each step adds one digit to the number just before it. Why: a 4-layer model trained for a
+    few CPU minutes on the plain form learns the sum's hundreds and tens digits but leaves the units
+    digit (the exact sum of six numbers modulo 10) at chance (measured: 99% / 95% / 12% after 1,200
+    steps); worked, it reaches 100% / 100% / 84% after 500. The block is evicted either way, so what
+    the text reveals after it (the running sums) is the same in both forms."""
 
     blocks: int = 10
     block_digits: int = 5
     sum_width: int = 3
     test_fraction: float = 0.1
     prompt_text: str = field(default="Add up all the digits, block by block.")
+    worked: bool = False
 
     def __post_init__(self) -> None:
         if self.blocks < 1 or self.block_digits < 1:
@@ -270,10 +278,34 @@ class ProbeTask:
         return sums
 
     def block_text(self, p: ProbeProblem, i: int) -> str:
-        text = " ".join(str(d) for d in p.digits[i])
+        if self.worked:
+            total = sum(sum(b) for b in p.digits[:i])
+            steps = []
+            for d in p.digits[i]:
+                total += d
+                steps.append(f"{d}:{total:0{self.sum_width}d}")
+            text = " ".join(steps)
+        else:
+            text = " ".join(str(d) for d in p.digits[i])
         if p.passcode is not None and p.passcode_block == i:
             text += f" passcode {p.passcode}"
         return text
+
+    def read_block(self, text: str) -> list[int] | None:
+        """The digits of a block as written (by `block_text` or a model), None if it is not in this
+        task's block format (a worked total need not be right, only present)."""
+        body = text.strip().split(" passcode ")
+        if len(body) > 2 or (len(body) == 2 and not (len(body[1]) == 5 and body[1].isdigit())):
+            return None
+        digits = []
+        for item in body[0].split():
+            d, sep, total = item.partition(":")
+            if not (len(d) == 1 and d.isdigit()) or bool(sep) != self.worked:
+                return None
+            if self.worked and not (len(total) == self.sum_width and total.isdigit()):
+                return None
+            digits.append(int(d))
+        return digits if len(digits) == self.block_digits else None
 
     def memento(self, total: int) -> str:
         return f"sum={total:0{self.sum_width}d}"
