@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from engine_helpers import one_thread, sharp_model  # noqa: F401 (fixture)
 from memento.cli import app
-from memento.engine.cache import remove_span
+from memento.hf import cache_kv, remove_span
 from memento.hf import with_cache
 from memento.masking import BlockMaskingConfig, attention_mask, evictions
 from memento.probe.baseline import digit_sum_counts, given_total, nothing
@@ -129,8 +129,9 @@ def test_extracted_features_are_the_engines_cached_kv(tiny, markers):
     for j, (ss, se) in enumerate(memento_spans(ids[1], markers)):
         idx = torch.tensor([slots.index(p) for p in range(ss, se)])
         for layer in range(layers):
-            k = cache.layers[layer].keys[0][:, idx].mean(1).reshape(-1)
-            v = cache.layers[layer].values[0][:, idx].mean(1).reshape(-1)
+            keys, values = cache_kv(cache)[layer]
+            k = keys[0][:, idx].mean(1).reshape(-1)
+            v = values[0][:, idx].mean(1).reshape(-1)
             assert torch.allclose(feats[1, j, layer], torch.cat([k, v]), atol=1e-5)
     direct = extract(model, ids, markers, "full")
     assert torch.allclose(direct[:, 0], feats[:, 0], atol=1e-5)  # the first memento precedes any eviction
@@ -170,9 +171,9 @@ def test_patched_continuation_reads_the_donors_kv(tiny, toy_tokenizer, markers):
         return cache
 
     cache, donor = prefix_cache(ids_b), prefix_cache(ids_a)
-    for layer, dl in zip(cache.layers, donor.layers, strict=True):
-        layer.keys[:, :, marks.be : marks.se] = dl.keys[:, :, marks.be : marks.se]
-        layer.values[:, :, marks.be : marks.se] = dl.values[:, :, marks.be : marks.se]
+    for (keys, values), (donor_keys, donor_values) in zip(cache_kv(cache), cache_kv(donor), strict=True):
+        keys[:, :, marks.be : marks.se] = donor_keys[:, :, marks.be : marks.se]
+        values[:, :, marks.be : marks.se] = donor_values[:, :, marks.be : marks.se]
     kept = [p for p in range(marks.se) if not any(e.start <= p < e.end for e in evictions(ids_b, markers) if e.trigger <= marks.se)]
     dropped = sorted(set(range(marks.se)) - set(kept), reverse=True)
     for p in dropped:

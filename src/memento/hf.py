@@ -28,7 +28,7 @@ What memento relies on (tested with transformers 5.23 and 5.24):
    the window rule is transformers' `k > q - W`, i.e. `memento.masking.in_window`
    (`layer_windows`).
 5. **DynamicCache layers** expose `keys` / `values` as `[batch, heads, length, dim]`
-   (`remove_span`).
+   (`remove_span`, `cache_kv`); keys are stored after RoPE.
 6. **Llama-family module layout** for the engine's direct forward (`decoder_parts`): `model.model`
    has `embed_tokens`, `layers`, `norm`, `rotary_emb(x, position_ids) -> (cos, sin)`; each layer
    has `self_attn.{q,k,v,o}_proj` (+ optional per-head `q_norm`/`k_norm`), `scaling`, `head_dim`,
@@ -359,6 +359,12 @@ def remove_span(cache: DynamicCache, start: int, end: int) -> None:
         )
         layer.keys = layer.keys.index_select(2, keep)
         layer.values = layer.values.index_select(2, keep)
+
+
+def cache_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the (keys, values) tensors a `DynamicCache` holds, `[batch, heads, length, dim]`
+    (the tensors themselves, not copies; keys after RoPE): what `memento probe` reads."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 # --- 5. Llama-family layout for the direct forward -------------------------------------------------

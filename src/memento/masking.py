@@ -107,8 +107,9 @@ def config_for_mode(mode: str, masking: BlockMaskingConfig | None = None) -> Blo
         return replace(config, keep_last_n_blocks=-1, restart_mode=False, restart_kv_only=False)
     if mode == "restart":
         return replace(config, restart_mode=True)
-    if config.restart_mode or config.restart_kv_only:
-        raise ValueError("masking.restart_mode / restart_kv_only need mode='restart'")
+    for flag in ("restart_mode", "restart_kv_only"):
+        if getattr(config, flag):
+            raise ValueError(f"masking.{flag}=True needs mode='restart'")
     return config
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memento.hf import with_cache
+from memento.hf import cache_kv, with_cache
 from memento.masking import BlockMaskingConfig, BlockTracker, VirtualSequence, virtual_sequence
 from memento.tokens import MarkerIds
 
@@ -85,8 +85,8 @@ def run_entries(model, rows: list[Entries], logits: bool = False) -> ForwardResu
         logits_to_keep=0 if logits else 1,
         **with_cache(model, cache),
     )
-    keys = [layer.keys.float().cpu() for layer in cache.layers]
-    values = [layer.values.float().cpu() for layer in cache.layers]
+    keys = [k.float().cpu() for k, _ in cache_kv(cache)]
+    values = [v.float().cpu() for _, v in cache_kv(cache)]
     return ForwardResult(keys, values, out.logits.float().cpu() if logits else None)
 
 
