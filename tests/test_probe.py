@@ -15,8 +15,7 @@ from typer.testing import CliRunner
 
 from engine_helpers import one_thread, sharp_model  # noqa: F401 (fixture)
 from memento.cli import app
-from memento.hf import cache_kv, remove_span
-from memento.hf import with_cache
+from memento.hf import cache_kv, remove_span, with_cache
 from memento.masking import BlockMaskingConfig, attention_mask, evictions
 from memento.probe.baseline import digit_sum_counts, given_total, nothing
 from memento.probe.data import DEV, TRAIN, VAL, label_sets, probe_problems
@@ -24,6 +23,7 @@ from memento.probe.features import extract, memento_spans
 from memento.probe.patching import block_marks, run_pairs, same_total_twin, spliced_entries
 from memento.probe.probes import ProbeConfig, fit_probes
 from memento.probe.stats import bootstrap, bootstrap_many
+from memento.toy.demo import DemoConfig, run_demo
 from memento.toy.tasks import ProbeTask
 from memento.train.data import tokenize_trace
 
@@ -58,7 +58,9 @@ def test_label_sets_split_by_passcode():
     for name, ls in sets.items():
         split = ls.split(0.2, 0.1, seed=0)
         parts = {k: {ls.keys[i] for i in v.tolist()} for k, v in split.items()}
-        assert not parts[TRAIN] & parts[VAL] and not parts[TRAIN] & parts[DEV] and not parts[DEV] & parts[VAL], name
+        assert (
+            not parts[TRAIN] & parts[VAL] and not parts[TRAIN] & parts[DEV] and not parts[DEV] & parts[VAL]
+        ), name
         assert sum(len(v) for v in split.values()) == 400 and 40 < len(split[VAL]) < 130
     # text baselines: chance before the block, everything at its own memento, the total after it
     assert sets["digits"].text_baseline(-1).per_digit == 0.1
@@ -114,7 +116,9 @@ def _incremental_cache(model, ids, markers, config):
             last = sum(1 for s in slots if s < ev.end)
             remove_span(cache, first, last)
             del slots[first:last]
-        out = model(input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[p]]), **with_cache(model, cache))
+        out = model(
+            input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[p]]), **with_cache(model, cache)
+        )
         logits.append(out.logits[0, -1])
         slots.append(p)
     return cache, slots, torch.stack(logits)
@@ -174,7 +178,11 @@ def test_patched_continuation_reads_the_donors_kv(tiny, toy_tokenizer, markers):
     for (keys, values), (donor_keys, donor_values) in zip(cache_kv(cache), cache_kv(donor), strict=True):
         keys[:, :, marks.be : marks.se] = donor_keys[:, :, marks.be : marks.se]
         values[:, :, marks.be : marks.se] = donor_values[:, :, marks.be : marks.se]
-    kept = [p for p in range(marks.se) if not any(e.start <= p < e.end for e in evictions(ids_b, markers) if e.trigger <= marks.se)]
+    kept = [
+        p
+        for p in range(marks.se)
+        if not any(e.start <= p < e.end for e in evictions(ids_b, markers) if e.trigger <= marks.se)
+    ]
     dropped = sorted(set(range(marks.se)) - set(kept), reverse=True)
     for p in dropped:
         remove_span(cache, p, p + 1)
@@ -199,7 +207,9 @@ def test_patched_continuation_reads_the_donors_kv(tiny, toy_tokenizer, markers):
     assert (clean[marks.se :] - out[marks.se : len(ids_b)]).abs().max() > 1e-3
     res = run_pairs(model, [(ids_a, ids_b)], markers, 2)
     assert res["patched"][0].kl_all > 0 and res["features"]["patched"].shape[1] == 10
-    assert torch.allclose(res["features"]["clean"][0], extract(model, [ids_b], markers, "memento")[0], atol=1e-5)
+    assert torch.allclose(
+        res["features"]["clean"][0], extract(model, [ids_b], markers, "memento")[0], atol=1e-5
+    )
 
 
 def test_probe_quick_end_to_end(tmp_path):
@@ -228,11 +238,22 @@ def test_probe_quick_end_to_end(tmp_path):
     assert (out / "models" / "memento" / "model.safetensors").stat().st_mtime_ns == before
     other = runner.invoke(app, ["probe", "--quick", "--out", str(out), "--seed", "1"])
     assert other.exit_code == 2 and "other settings" in other.output
+    # the demo model's restart ablation joins an existing study without retraining anything
+    demo = tmp_path / "demo"
+    run_demo(DemoConfig(out=demo, profile="smoke"))
+    with_demo = runner.invoke(app, ["probe", "--quick", "--out", str(out), "--demo-run", str(demo)])
+    assert with_demo.exit_code == 0, with_demo.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["ablation_demo"]["modes"]) == {"memento", "restart", "restart_kv"}
+    assert (out / "models" / "memento" / "model.safetensors").stat().st_mtime_ns == before
 
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--threads", "0"], "--threads"), (["--demo-run", "/nonexistent/demo"], "not a finished `memento demo` run")],
+    [
+        (["--threads", "0"], "--threads"),
+        (["--demo-run", "/nonexistent/demo"], "not a finished `memento demo` run"),
+    ],
 )
 def test_probe_bad_inputs_exit_2_with_one_line(tmp_path, args, message):
     result = CliRunner().invoke(app, ["probe", "--quick", "--out", str(tmp_path / "x"), *args])

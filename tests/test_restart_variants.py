@@ -20,7 +20,14 @@ from engine_helpers import (
     text_ids,
 )
 from memento.engine import Engine
-from memento.masking import BlockMaskingConfig, Eviction, attention_mask, config_for_mode, evictions, virtual_sequence
+from memento.masking import (
+    BlockMaskingConfig,
+    Eviction,
+    attention_mask,
+    config_for_mode,
+    evictions,
+    virtual_sequence,
+)
 from memento.tokens import MarkerIds
 from memento.train.collator import MementoCollator
 from memento.train.data import IGNORE_INDEX
@@ -155,7 +162,11 @@ def test_restart_training_loss_is_the_nll_of_restart_inference(model, toy_tokeni
         feats.append({"input_ids": prompt + out, "labels": [IGNORE_INDEX] * len(prompt) + out})
     collator = MementoCollator(pad_token_id=0, stage="memento", markers=markers, masking=config)
     batch = collator(feats)
-    assert batch["attention_mask"].shape[-1] == batch["input_ids"].shape[1] > max(len(f["input_ids"]) for f in feats)
+    assert (
+        batch["attention_mask"].shape[-1]
+        == batch["input_ids"].shape[1]
+        > max(len(f["input_ids"]) for f in feats)
+    )
     with torch.no_grad():
         loss = model(**batch).loss
     nll, count = 0.0, 0
@@ -168,4 +179,6 @@ def test_restart_training_loss_is_the_nll_of_restart_inference(model, toy_tokeni
                 count += 1
     assert abs(loss.item() - nll / count) <= 1e-4
     with pytest.raises(ValueError, match="dense"):
-        MementoCollator(pad_token_id=0, stage="memento", markers=markers, masking=config, mask_format="kill_times")
+        MementoCollator(
+            pad_token_id=0, stage="memento", markers=markers, masking=config, mask_format="kill_times"
+        )

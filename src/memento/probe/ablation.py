@@ -64,8 +64,17 @@ def score_probe_sample(task: ProbeTask, text: str, finish_reason: str) -> dict:
     for digits, m in zip(blocks, mementos, strict=True):
         total += sum(digits or [])
         right += m is not None and int(m.group(1)) == total
-    correct = answer is not None and bool(blocks) and all(d is not None for d in blocks) and int(answer.group(1)) == total
-    return {"well_formed": well_formed, "correct": correct, "mementos_correct": right / len(blocks) if blocks else 0.0}
+    correct = (
+        answer is not None
+        and bool(blocks)
+        and all(d is not None for d in blocks)
+        and int(answer.group(1)) == total
+    )
+    return {
+        "well_formed": well_formed,
+        "correct": correct,
+        "mementos_correct": right / len(blocks) if blocks else 0.0,
+    }
 
 
 def score_chain_sample(task: ChainTask, problem: ChainProblem, text: str, finish_reason: str) -> dict:
@@ -116,7 +125,11 @@ def sample_modes(
         engine = Engine.from_pretrained(str(model_dir), mode=mode, masking=masking, max_batch_size=batch)
         params = [
             SamplingParams(
-                temperature=temperature, top_p=top_p, n=samples, seed=seed + 1000 * i, max_new_tokens=max_new_tokens
+                temperature=temperature,
+                top_p=top_p,
+                n=samples,
+                seed=seed + 1000 * i,
+                max_new_tokens=max_new_tokens,
             )
             for i in range(len(prompts))
         ]
@@ -128,7 +141,9 @@ def sample_modes(
         seconds[name] = time.perf_counter() - t0
         per: list[list[dict]] = [[] for _ in prompts]
         for o in outs:
-            per[o.prompt_index].append(score(o.prompt_index, o.text, o.finish_reason) | {"tokens": len(o.output_ids)})
+            per[o.prompt_index].append(
+                score(o.prompt_index, o.text, o.finish_reason) | {"tokens": len(o.output_ids)}
+            )
         scores[name] = per
         tokens[name] = sum(len(o.output_ids) for o in outs)
     return SampledRun(scores, tokens, seconds)
@@ -162,17 +177,17 @@ def summarize(run: SampledRun, reference: str = "memento", seed: int = 0) -> dic
 
 def read_demo_run(run_dir: str | Path) -> tuple[ChainTask, list[ChainProblem], Path]:
     """The task, held-out problems and Memento model of a finished `memento demo` run directory."""
+    from memento.toy.demo.data import read_test
+    from memento.toy.demo.profiles import DemoPaths, Profile
+
     run_dir = Path(run_dir)
-    config_path = run_dir / "demo_config.json"
-    model_dir = run_dir / "model-memento"
-    test_path = run_dir / "data" / "test.jsonl"
-    for path in (config_path, model_dir / "config.json", test_path):
+    demo = DemoPaths(run_dir)
+    config_path, model_dir = run_dir / "demo_config.json", demo.model("stage2")
+    for path in (config_path, model_dir / "config.json", demo.test):
         if not path.is_file():
-            raise ValueError(f"{run_dir}: not a finished `memento demo` run ({path.name} is missing)")
-    profile = json.loads(config_path.read_text()).get("profile", {})
+            raise ValueError(f"--demo-run {run_dir}: not a finished `memento demo` run ({path} is missing)")
     try:
-        task = ChainTask(digits=profile["digits"], block_steps=profile["block_steps"], max_steps=profile["max_steps"])
+        profile = Profile(**json.loads(config_path.read_text())["profile"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{config_path}: cannot read the demo's task settings ({exc})") from exc
-    problems = [ChainProblem(**json.loads(line)) for line in test_path.read_text().splitlines() if line.strip()]
-    return task, problems, model_dir
+        raise ValueError(f"{config_path}: cannot read the demo's settings ({exc})") from exc
+    return profile.task, read_test(demo.test), model_dir

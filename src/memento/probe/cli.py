@@ -10,12 +10,22 @@ import typer
 
 
 def probe_command(
-    out: Path = typer.Option(Path("memento-probe"), "--out", help="Directory for data, models, features, results and the report."),
-    quick: bool = typer.Option(False, "--quick", help="Seconds-long run of every stage at toy sizes (checks shapes and the split by passcode)."),
+    out: Path = typer.Option(
+        Path("memento-probe"), "--out", help="Directory for data, models, features, results and the report."
+    ),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="Seconds-long run of every stage at toy sizes (checks shapes and the split by passcode).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for data, model initialisation, training and probes."),
-    threads: int = typer.Option(1, "--threads", help="torch CPU threads (one is fastest for these tiny models on a busy machine)."),
+    threads: int = typer.Option(
+        1, "--threads", help="torch CPU threads (one is fastest for these tiny models on a busy machine)."
+    ),
     demo_run: Path | None = typer.Option(
-        None, "--demo-run", help="A finished `memento demo` directory: also run the restart ablation on its model."
+        None,
+        "--demo-run",
+        help="A finished `memento demo` directory: also run the restart ablation on its model.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print report.json instead of the summary lines."),
 ) -> None:
@@ -31,7 +41,9 @@ def probe_command(
         check_output_dir(out, "--out")
         from memento.probe.study import StudyConfig, Ui, run_study
 
-        cfg = StudyConfig(out=out, profile="quick" if quick else "default", seed=seed, threads=threads, demo_run=demo_run)
+        cfg = StudyConfig(
+            out=out, profile="quick" if quick else "default", seed=seed, threads=threads, demo_run=demo_run
+        )
         console = Console(file=sys.stderr if as_json else sys.stdout)
         report = run_study(cfg, Ui(console=console))
     if as_json:

@@ -96,6 +96,8 @@ def label_sets(problems: list[ProbeProblem], seed: int) -> dict[str, LabelSet]:
     return {
         "passcode": LabelSet("passcode", target, torch.tensor([_digits(c) for c in codes]), codes),
         "digits": LabelSet("digits", target, torch.tensor([_digits(k) for k in block_keys]), block_keys),
-        "digits_last": LabelSet("digits_last", last, torch.tensor([_digits(k) for k in last_keys]), last_keys),
+        "digits_last": LabelSet(
+            "digits_last", last, torch.tensor([_digits(k) for k in last_keys]), last_keys
+        ),
         "control": LabelSet("control", target, torch.tensor([control(c) for c in codes]), codes),
     }

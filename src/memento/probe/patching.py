@@ -142,7 +142,9 @@ def compare(
     )
 
 
-def memento_digit_positions(ids: Sequence[int], markers: MarkerIds, after_block: int, width: int) -> list[int]:
+def memento_digit_positions(
+    ids: Sequence[int], markers: MarkerIds, after_block: int, width: int
+) -> list[int]:
     """Positions p whose next token is one of the last `width` tokens (the digits) of a memento of a
     block after `after_block`."""
     tracker = BlockTracker(markers, BlockMaskingConfig.full())

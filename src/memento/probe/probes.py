@@ -47,7 +47,9 @@ class GroupedProbe(torch.nn.Module):
         self.biases = torch.nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
             bound = fan_in**-0.5
-            self.weights.append(torch.nn.Parameter(torch.empty(groups, fan_in, fan_out).uniform_(-bound, bound)))
+            self.weights.append(
+                torch.nn.Parameter(torch.empty(groups, fan_in, fan_out).uniform_(-bound, bound))
+            )
             self.biases.append(torch.nn.Parameter(torch.zeros(groups, 1, fan_out)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

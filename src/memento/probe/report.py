@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from memento.probe.baseline import given_total, nothing
-from memento.probe.study import StudyConfig, Stages, Ui, paths
+from memento.probe.study import STAGES, StudyConfig, Ui, paths
+from memento.toy.runner import StageRunner
 
 # The paper's numbers (§6.2, App. A.4.2), as quoted in issue 14.
 PAPER = {
@@ -42,22 +43,23 @@ def pct(c: dict | None, interval: bool = True) -> str:
     return f"{100 * c['mean']:.1f}% [{100 * c['low']:.1f}, {100 * c['high']:.1f}]"
 
 
-def write_report(cfg: StudyConfig, stages: Stages, ui: Ui) -> dict:
+def write_report(cfg: StudyConfig, stages: StageRunner, ui: Ui) -> dict:
     p = paths(cfg)
     probes = json.loads((p["results"] / "probes.json").read_text())
     patching = json.loads((p["results"] / "patching.json").read_text())
     ablation = json.loads((p["results"] / "ablation.json").read_text())
     demo_path = p["results"] / "ablation_demo.json"
     demo = json.loads(demo_path.read_text()) if demo_path.is_file() else None
-    timings = {name: (stages.done(name) or {}).get("seconds") for name in
-               ("data", "stage1", "stage2", "control", "restart", "extract", "probe", "patching", "ablation",
-                "ablation_demo")}  # fmt: skip
+    timings = {name: (stages.done(name) or {}).get("seconds") for name in STAGES}
     report = {
         "profile": cfg.settings.name,
         "seed": cfg.seed,
         "settings": json.loads(json.dumps(cfg.fingerprint()["profile"])),
-        "baselines": {"chance": nothing().per_digit, "text_given_total": given_total().per_digit,
-                      "text_given_total_exact": given_total().exact},  # fmt: skip
+        "baselines": {
+            "chance": nothing().per_digit,
+            "text_given_total": given_total().per_digit,
+            "text_given_total_exact": given_total().exact,
+        },  # fmt: skip
         "probes": probes,
         "patching": patching,
         "ablation": ablation,
@@ -113,7 +115,9 @@ def render_markdown(report: dict) -> str:
         for label in ("passcode", "digits"):
             m = cell(res, label, "mlp", "memento", d, last)
             row += [pct(m)]
-            row += [pct(cell(res, label, "mlp", cond, d, last)) for cond in ("direct", "restart_kv", "restart")]
+            row += [
+                pct(cell(res, label, "mlp", cond, d, last)) for cond in ("direct", "restart_kv", "restart")
+            ]
             row += [f"{100 * m['text_baseline']:.1f}%" if m else "–"]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Causal control (M1): digits of the last block, probed at earlier mementos (last layer, MLP):", "",
@@ -128,7 +132,9 @@ def render_markdown(report: dict) -> str:
             row = [cond, label] + [pct(cell(res, label, "mlp", cond, 1, layer)) for layer in range(layers)]
             lines.append("| " + " | ".join(row) + " |")
     for label in ("passcode", "digits"):
-        row = ["memento (linear)", label] + [pct(cell(res, label, "linear", "memento", 1, i)) for i in range(layers)]
+        row = ["memento (linear)", label] + [
+            pct(cell(res, label, "linear", "memento", 1, i)) for i in range(layers)
+        ]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Selectivity (Hewitt & Liang): control task = random digits per passcode", "",
               "| probe | layer | passcode val | control val | selectivity | passcode train | control train |",
@@ -187,7 +193,11 @@ def _ablation_table(ablation: dict) -> str:
     for model in ("memento_model", "restart_model", "control_model"):
         for mode, r in ablation.get(model, {}).items():
             diff = r.get("vs_memento", {}).get("correct")
-            d = f"{100 * diff['mean']:+.1f} pp [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]" if diff else "–"
+            d = (
+                f"{100 * diff['mean']:+.1f} pp [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]"
+                if diff
+                else "–"
+            )
             rows.append(
                 f"| {model.replace('_model', '')} | {mode} | {pct(r['correct'])} | {pct(r['well_formed'])} | "
                 f"{pct(r.get('mementos_correct'))} | {d} |"
@@ -215,7 +225,13 @@ def write_figures(out: Path, report: dict) -> dict[str, str]:
     def baselines(ax, label):
         ax.axhline(10, color="k", ls=":", lw=1, label="chance")
         if label == "digits":
-            ax.axhline(100 * report["baselines"]["text_given_total"], color="k", ls="--", lw=1, label="text-only Bayes")
+            ax.axhline(
+                100 * report["baselines"]["text_given_total"],
+                color="k",
+                ls="--",
+                lw=1,
+                label="text-only Bayes",
+            )
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     for ax, label in zip(axes, ("passcode", "digits"), strict=True):
@@ -225,7 +241,10 @@ def write_figures(out: Path, report: dict) -> dict[str, str]:
                 continue
             xs = [i for i, c in enumerate(cells) if c]
             ys = [100 * c["mean"] for c in cells if c]
-            err = [[100 * (c["mean"] - c["low"]) for c in cells if c], [100 * (c["high"] - c["mean"]) for c in cells if c]]
+            err = [
+                [100 * (c["mean"] - c["low"]) for c in cells if c],
+                [100 * (c["high"] - c["mean"]) for c in cells if c],
+            ]
             ax.errorbar(xs, ys, yerr=err, color=color, marker="o", ms=3, lw=1.2, capsize=2, label=name)
         baselines(ax, label)
         ax.set_title(f"{label}: one block past the target, per layer")
@@ -249,7 +268,10 @@ def write_figures(out: Path, report: dict) -> dict[str, str]:
                 cells = [c for c in cells if c["distance"] >= 1]
             xs = [c["distance"] for c in cells]
             ys = [100 * c["mean"] for c in cells]
-            err = [[100 * (c["mean"] - c["low"]) for c in cells], [100 * (c["high"] - c["mean"]) for c in cells]]
+            err = [
+                [100 * (c["mean"] - c["low"]) for c in cells],
+                [100 * (c["high"] - c["mean"]) for c in cells],
+            ]
             ax.errorbar(xs, ys, yerr=err, color=color, marker="o", ms=3, lw=1.2, capsize=2, label=name)
         if label == "digits":
             m1 = [c for c in res["digits_last"]["mlp"]["memento"] if c["layer"] == last and c["distance"] < 0]
@@ -284,7 +306,9 @@ def write_figures(out: Path, report: dict) -> dict[str, str]:
     ax.set_xlabel("stage-2 step (0 = end of stage 1)")
     ax.set_ylabel("probe accuracy (%)")
     ax2 = ax.twinx()
-    ax2.plot(steps, [100 * row["correct"]["mean"] for row in curve], "s--", color="#1f77b4", label="task accuracy")
+    ax2.plot(
+        steps, [100 * row["correct"]["mean"] for row in curve], "s--", color="#1f77b4", label="task accuracy"
+    )
     ax2.set_ylabel("task accuracy (%)")
     ax2.set_ylim(0, 100)
     lines = ax.get_legend_handles_labels()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import random
 import shutil
@@ -31,13 +29,18 @@ def stage_data(cfg: StudyConfig, ui: Ui) -> dict:
     s, p = cfg.settings, paths(cfg)
     rng = random.Random(f"probe-data-{cfg.seed}")
     sample = [_with_passcode(q, rng, 1.0) for q in TASK.problems(40, seed=12345)]
-    tokenizer = build_tokenizer([*DEFAULT_CORPUS, *(f"{t.problem}\n{t.render()}" for t in TASK.traces(sample))])
+    tokenizer = build_tokenizer(
+        [*DEFAULT_CORPUS, *(f"{t.problem}\n{t.render()}" for t in TASK.traces(sample))]
+    )
     model = build_tiny_model(
         tokenizer, layers=s.layers, hidden=s.hidden, heads=s.heads, kv_heads=s.kv_heads,
         intermediate=3 * s.hidden, max_position=1024, seed=cfg.seed,
     )  # fmt: skip
     save_toy_model(p["init"], tokenizer, model)
-    train = [_with_passcode(q, rng, s.passcode_rate) for q in TASK.problems(s.n_train, split=TASK_TRAIN, seed=cfg.seed)]
+    train = [
+        _with_passcode(q, rng, s.passcode_rate)
+        for q in TASK.problems(s.n_train, split=TASK_TRAIN, seed=cfg.seed)
+    ]
     p["train"].parent.mkdir(parents=True, exist_ok=True)
     write_traces(p["train"], TASK.traces(train))
     probes = probe_problems(TASK, s.n_probe, s.target, cfg.seed)
@@ -69,51 +72,41 @@ def tokenize(tokenizer, problems: list[ProbeProblem]) -> list[list[int]]:
 # --- training -------------------------------------------------------------------------------------
 
 
-RUNS = {  # run -> (start, stage, masking, steps key)
+RUNS = {  # run -> (start, stage, Stage-2 mask options, steps field)
     "stage1": ("init", "full", {}, "stage1_steps"),
     "memento": ("stage1", "memento", {}, "stage2_steps"),
     "control": ("stage1", "full", {}, "stage2_steps"),
     "restart": ("stage1", "memento", {"restart_mode": True, "restart_kv_only": True}, "stage2_steps"),
 }
+LABELS = {"stage1": "stage 1 (full attention)", "memento": "stage 2 (block mask)",
+          "control": "control (full attention)", "restart": "stage 2 under restart semantics"}  # fmt: skip
+CHECKPOINT_EXTRAS = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin")
 
 
 def stage_train(cfg: StudyConfig, ui: Ui, run: str) -> dict:
-    """One step-budgeted run of `memento.train`. Stage 2 (`memento`) keeps evenly spaced checkpoints
-    (weights only) so the probes can follow training."""
-    from memento.train import SFTConfig, train
+    """One step-budgeted run (`memento.toy.training.train_run`). Stage 2 (`memento`) keeps evenly
+    spaced checkpoints (weights only) so the probes can follow training."""
+    from memento.toy.training import train_run
 
     s, p = cfg.settings, paths(cfg)
     start, stage, masking, steps_key = RUNS[run]
     steps = getattr(s, steps_key)
-    out = p[run]
-    if out.exists():
-        shutil.rmtree(out)  # an unfinished earlier attempt: start the run over
-    save_every = max(1, steps // (s.checkpoints + 1)) if run == "memento" and s.checkpoints else 10**9
-    sft = SFTConfig(
-        model=str(p[start]), data=str(p["train"]), output_dir=str(out), stage=stage, masking=masking,
-        max_steps=steps, lr=s.lr if run == "stage1" else s.lr / 2, warmup_ratio=0.05, weight_decay=0.01,
-        adam_beta2=0.98, batch_size=s.batch_size, save_steps=save_every, logging_steps=10, seed=cfg.seed,
-        progress=False,
+    save_every = steps // (s.checkpoints + 1) if run == "memento" and s.checkpoints else 0
+    result = train_run(
+        model=p[start], data=p["train"], out=p[run], stage=stage, fmt="memento", steps=steps,
+        lr=s.lr if run == "stage1" else s.finetune_lr, seed=cfg.seed, batch_size=s.batch_size,
+        save_every=max(save_every, 0), masking=masking, label=LABELS[run], ui=ui,
     )  # fmt: skip
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = train(sft)
     kept = []
-    for ckpt in sorted(out.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])):
+    for ckpt in p[run].glob("checkpoint-*"):
         step = int(ckpt.name.split("-")[1])
-        if run == "memento" and step < steps:
-            for extra in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        if step < steps:
+            for extra in CHECKPOINT_EXTRAS:
                 (ckpt / extra).unlink(missing_ok=True)
             kept.append(step)
         else:
             shutil.rmtree(ckpt, ignore_errors=True)
-    losses = [h["loss"] for h in result.log_history if "loss" in h]
-    ui.log(
-        f"  {run}: {result.global_step} steps in {result.seconds:.0f}s · {result.tokens_per_s:,.0f} tokens/s · "
-        f"final loss {losses[-1] if losses else float('nan'):.4f}"
-    )
-    return {"steps": result.global_step, "train_seconds": round(result.seconds, 1), "final_loss": result.final_loss,
-            "tokens_per_s": round(result.tokens_per_s, 1), "checkpoints": kept,
-            "loss_curve": [(h["step"], h["loss"]) for h in result.log_history if "loss" in h]}  # fmt: skip
+    return {**result, "checkpoints": sorted(kept)}
 
 
 def checkpoint_dirs(cfg: StudyConfig) -> list[tuple[int, Path]]:
@@ -151,7 +144,9 @@ def conditions(cfg: StudyConfig) -> dict[str, tuple[Path, str]]:
 def load_model(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
 
 
 def stage_extract(cfg: StudyConfig, ui: Ui) -> dict:
@@ -193,10 +188,18 @@ def probe_plan(cfg: StudyConfig, names: list[str]) -> list[dict]:
     from_target = list(range(s.target, TASK.blocks))
     plan = []
     for label in ("passcode", "digits"):
-        plan.append({"label": label, "kind": "mlp", "seeds": seeds, "cond": "memento", "mementos": everything})
-        plan.append({"label": label, "kind": "linear", "seeds": [0], "cond": "memento", "mementos": everything})
-        plan.append({"label": label, "kind": "mlp", "seeds": seeds, "cond": "restart_kv", "mementos": from_target})
-        plan.append({"label": label, "kind": "linear", "seeds": [0], "cond": "restart_kv", "mementos": from_target})
+        plan.append(
+            {"label": label, "kind": "mlp", "seeds": seeds, "cond": "memento", "mementos": everything}
+        )
+        plan.append(
+            {"label": label, "kind": "linear", "seeds": [0], "cond": "memento", "mementos": everything}
+        )
+        plan.append(
+            {"label": label, "kind": "mlp", "seeds": seeds, "cond": "restart_kv", "mementos": from_target}
+        )
+        plan.append(
+            {"label": label, "kind": "linear", "seeds": [0], "cond": "restart_kv", "mementos": from_target}
+        )
         plan.append({"label": label, "kind": "mlp", "seeds": [0], "cond": "direct", "mementos": from_target})
         for cond in ("restart", "untrained", "control", "restart_trained"):
             plan.append({"label": label, "kind": "mlp", "seeds": [0], "cond": cond, "mementos": from_target})
@@ -205,8 +208,12 @@ def probe_plan(cfg: StudyConfig, names: list[str]) -> list[dict]:
                 later = [j for j in (s.target + 1, s.target + 2) if j < TASK.blocks]
                 plan.append({"label": label, "kind": "mlp", "seeds": [0], "cond": cond, "mementos": later})
     for kind in ("mlp", "linear"):
-        plan.append({"label": "control", "kind": kind, "seeds": [0], "cond": "memento", "mementos": everything})
-    plan.append({"label": "digits_last", "kind": "mlp", "seeds": [0], "cond": "memento", "mementos": everything})
+        plan.append(
+            {"label": "control", "kind": kind, "seeds": [0], "cond": "memento", "mementos": everything}
+        )
+    plan.append(
+        {"label": "digits_last", "kind": "mlp", "seeds": [0], "cond": "memento", "mementos": everything}
+    )
     return plan
 
 
@@ -237,12 +244,21 @@ def stage_probe(cfg: StudyConfig, ui: Ui) -> dict:
                 kind=job["kind"], hidden=s.probe_hidden, epochs=s.probe_epochs, batch_size=s.probe_batch,
                 lr=s.probe_lr, seed=seed,
             )  # fmt: skip
-            fitted = fit_probes(groups[:, split[TRAIN]], y[split[TRAIN]], groups[:, split[DEV]], y[split[DEV]], probe_cfg)
-            right = (fitted.predict(groups[:, split[VAL]]) == y[split[VAL]][None]).float().mean(dim=2)  # [G, M]
+            fitted = fit_probes(
+                groups[:, split[TRAIN]], y[split[TRAIN]], groups[:, split[DEV]], y[split[DEV]], probe_cfg
+            )
+            right = (
+                (fitted.predict(groups[:, split[VAL]]) == y[split[VAL]][None]).float().mean(dim=2)
+            )  # [G, M]
             per_seed.append(right)
-            train_acc.append((fitted.predict(groups[:, split[TRAIN]]) == y[split[TRAIN]][None]).float().mean(dim=(1, 2)))
+            train_acc.append(
+                (fitted.predict(groups[:, split[TRAIN]]) == y[split[TRAIN]][None]).float().mean(dim=(1, 2))
+            )
             if (job["label"], job["kind"], job["cond"], seed) == ("digits", "mlp", "memento", 0):
-                torch.save({"fitted": fitted, "mementos": job["mementos"], "layers": layers}, p["results"] / "digits_probe.pt")
+                torch.save(
+                    {"fitted": fitted, "mementos": job["mementos"], "layers": layers},
+                    p["results"] / "digits_probe.pt",
+                )
         scores = torch.stack(per_seed).mean(0)  # seeds averaged per problem
         estimates = bootstrap_many(scores, resamples=s.bootstrap, seed=cfg.seed)
         seed_means = torch.stack(per_seed).mean(dim=2)  # [seeds, G]
@@ -256,7 +272,9 @@ def stage_probe(cfg: StudyConfig, ui: Ui) -> dict:
                 "text_baseline": ls.text_baseline(j - ls.block, CONDITION_SEMANTICS.get(job["cond"], "memento")).per_digit,
             })  # fmt: skip
         results.setdefault(job["label"], {}).setdefault(job["kind"], {})[job["cond"]] = cells
-        ui.log(f"  {job['label']:<11} {job['kind']:<6} {job['cond']:<16} {len(cells)} probes x {len(job['seeds'])} seeds")
+        ui.log(
+            f"  {job['label']:<11} {job['kind']:<6} {job['cond']:<16} {len(cells)} probes x {len(job['seeds'])} seeds"
+        )
     sizes = {name: {k: int(v.numel()) for k, v in sp.items()} for name, sp in splits.items()}
     overlap = {name: _split_overlap(labels[name].keys, sp) for name, sp in splits.items()}
     out = {"results": results, "split_sizes": sizes, "split_key_overlap": overlap, "layers": layers}
@@ -315,7 +333,11 @@ def stage_patching(cfg: StudyConfig, ui: Ui) -> dict:
     y_b = torch.tensor([list(b.digits[s.target]) for b in recipients])
     readout: dict = {}
     for run, feats in res["features"].items():
-        x = feats[:, mementos].permute(1, 2, 0, 3).reshape(len(mementos) * layers, feats.shape[0], feats.shape[-1])
+        x = (
+            feats[:, mementos]
+            .permute(1, 2, 0, 3)
+            .reshape(len(mementos) * layers, feats.shape[0], feats.shape[-1])
+        )
         pred = fitted.predict(x)
         for who, y in (("recipient", y_b), ("donor", y_a)):
             right = (pred == y[None]).float().mean(dim=2)
@@ -323,7 +345,9 @@ def stage_patching(cfg: StudyConfig, ui: Ui) -> dict:
             for g, est in enumerate(bootstrap_many(right, resamples=s.bootstrap, seed=cfg.seed)):
                 j = mementos[g // layers]
                 if j > s.target:
-                    cells.append({"memento": j, "distance": j - s.target, "layer": g % layers, **est.to_dict()})
+                    cells.append(
+                        {"memento": j, "distance": j - s.target, "layer": g % layers, **est.to_dict()}
+                    )
             readout.setdefault(run, {})[who] = cells
     out["readout"] = readout
     (p["results"] / "patching.json").write_text(json.dumps(out))
@@ -339,7 +363,10 @@ def stage_patching(cfg: StudyConfig, ui: Ui) -> dict:
 
 
 def _max_new(tokenizer, extra: float = 1.25) -> int:
-    longest = max(len(tokenizer.encode(TASK.trace(q).render(), add_special_tokens=False)) for q in TASK.problems(20, seed=7))
+    longest = max(
+        len(tokenizer.encode(TASK.trace(q).render(), add_special_tokens=False))
+        for q in TASK.problems(20, seed=7)
+    )
     return int(longest * extra) + 16
 
 
@@ -362,7 +389,9 @@ def stage_ablation(cfg: StudyConfig, ui: Ui) -> dict:
         return score_probe_sample(TASK, text, finish)
 
     def run(model_dir: Path, modes: list[str], samples: int, seed: int) -> dict:
-        sampled = sample_modes(model_dir, [prompt], modes, score, samples=samples, max_new_tokens=max_new, seed=seed)
+        sampled = sample_modes(
+            model_dir, [prompt], modes, score, samples=samples, max_new_tokens=max_new, seed=seed
+        )
         return summarize(sampled, seed=cfg.seed)
 
     seed = 10_000 * (cfg.seed + 1)
@@ -378,7 +407,9 @@ def stage_ablation(cfg: StudyConfig, ui: Ui) -> dict:
     (p["results"] / "ablation.json").write_text(json.dumps(out))
     for name in ("memento", "restart", "restart_kv"):
         r = out["memento_model"][name]
-        ui.log(f"  memento model, {name:<10}: accuracy {r['correct']['mean']:.1%} · well-formed {r['well_formed']['mean']:.1%}")
+        ui.log(
+            f"  memento model, {name:<10}: accuracy {r['correct']['mean']:.1%} · well-formed {r['well_formed']['mean']:.1%}"
+        )
     return {"samples": s.ablation_samples}
 
 
@@ -410,6 +441,7 @@ def stage_ablation_demo(cfg: StudyConfig, ui: Ui) -> dict:
     p["results"].mkdir(parents=True, exist_ok=True)
     (p["results"] / "ablation_demo.json").write_text(json.dumps(out))
     for name, r in out["modes"].items():
-        ui.log(f"  demo model, {name:<10}: accuracy {r['correct']['mean']:.1%} · well-formed {r['well_formed']['mean']:.1%}")
+        ui.log(
+            f"  demo model, {name:<10}: accuracy {r['correct']['mean']:.1%} · well-formed {r['well_formed']['mean']:.1%}"
+        )
     return {"problems": len(problems)}
-

@@ -1,6 +1,7 @@
 """`memento probe`: the dual-information-stream study on the probing toy, end to end, resumable.
 
-Stages (each leaves DIR/stages/<name>.json when done; a re-run resumes after the last finished one):
+Stages, run by `memento.toy.runner.StageRunner` (each leaves DIR/stages/<name>.json when done; a
+re-run resumes after the last finished one; another study's directory is refused):
 
   data       tokenizer, untrained model, training traces, held-out probe problems (passcode in block T)
   stage1     full attention from scratch (step budget)
@@ -10,27 +11,34 @@ Stages (each leaves DIR/stages/<name>.json when done; a re-run resumes after the
   extract    memento KV features of every probe problem, per model and semantics
   probe      MLP and linear probes, several seeds, train/dev/val split by passcode
   patching   memento KV of problem A patched into problem B (same memento text)
-  ablation   sampled generations under memento / restart / fair restart (and the demo model's,
-             with --demo-run)
-  report     report.json, report.md, figures
+  ablation   sampled generations under memento / restart / fair restart
+  ablation_demo   the same on a finished `memento demo` run (with --demo-run)
+
+then report.json, report.md and the figures (rewritten on every invocation).
 
 Everything is budgeted in steps and seeded, so results do not depend on the machine's speed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from memento.toy.runner import Stage, StageRunner, Ui, cpu_threads, quiet_transformers
 
-STAGES = ("data", "stage1", "stage2", "control", "restart", "extract", "probe", "patching", "ablation", "report")
-TRAINED = ("memento", "control", "restart")  # models trained from stage 1 for the same steps
+# (stage name, training run): stage 2 and its two comparisons all start from stage 1, same steps
+TRAINING = (("stage1", "stage1"), ("stage2", "memento"), ("control", "control"), ("restart", "restart"))
+STAGES = (
+    "data",
+    *(name for name, _ in TRAINING),
+    "extract",
+    "probe",
+    "patching",
+    "ablation",
+    "ablation_demo",
+)
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,8 @@ class Profile:
     stage2_steps: int = 200
     checkpoints: int = 1  # probed checkpoints inside stage 2 (plus the end of stage 1 and the final model)
     batch_size: int = 8
-    lr: float = 3e-3
+    lr: float = 3e-3  # stage 1 (from scratch)
+    finetune_lr: float = 1.5e-3  # stage 2, control, restart (from stage 1)
     # probing
     n_probe: int = 1500
     target: int = 2
@@ -114,53 +123,6 @@ class StudyConfig:
         return {"profile": asdict(self.settings), "seed": self.seed}
 
 
-# --- stage bookkeeping --------------------------------------------------------------------------
-
-
-class Stages:
-    """Marker files: DIR/stages/<name>.json holds the stage's result once it has finished."""
-
-    def __init__(self, out: Path) -> None:
-        self.dir = out / "stages"
-
-    def done(self, name: str) -> dict | None:
-        path = self.dir / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def finish(self, name: str, result: dict) -> dict:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{name}.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2, default=str))
-        tmp.replace(self.dir / f"{name}.json")
-        return result
-
-
-def check_resumable(cfg: StudyConfig) -> None:
-    """Refuse to mix stages from a run with other settings."""
-    path = cfg.out / "probe_config.json"
-    want = json.loads(json.dumps(cfg.fingerprint()))
-    if path.is_file():
-        if json.loads(path.read_text()) != want:
-            raise ValueError(
-                f"{cfg.out} holds a probe study with other settings ({path}); "
-                "pass another --out directory or delete this one to start over"
-            )
-    else:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(want, indent=2))
-
-
-@dataclass
-class Ui:
-    """Progress lines on a rich console, or nothing (tests)."""
-
-    console: Any = None
-
-    def log(self, message: str) -> None:
-        if self.console is not None:
-            self.console.print(message)
-
-
 def paths(cfg: StudyConfig) -> dict[str, Path]:
     out = cfg.out
     return {
@@ -176,72 +138,38 @@ def paths(cfg: StudyConfig) -> dict[str, Path]:
     }
 
 
-def run_study(cfg: StudyConfig, ui: Ui | None = None) -> dict:
-    """Run (or resume) every stage; returns report.json's content."""
-    from memento.probe import stages as st
+def study_runner(cfg: StudyConfig, ui: Ui | None = None) -> StageRunner:
+    return StageRunner(
+        cfg.out, cfg.fingerprint(), threads=cfg.threads, ui=ui, config_name="probe_config.json"
+    )
 
-    ui = ui or Ui()
+
+def run_study(cfg: StudyConfig, ui: Ui | None = None) -> dict:
+    """Run (or resume) every stage; returns report.json's content. `--demo-run` is checked before
+    anything runs, and is not part of the settings: adding it later runs only its stage."""
+    from memento.probe import stages as st
+    from memento.probe.report import write_report
+
     if cfg.demo_run is not None:
         from memento.probe.ablation import read_demo_run
 
-        read_demo_run(cfg.demo_run)  # validate before any work
-    check_resumable(cfg)
-    stages = Stages(cfg.out)
+        read_demo_run(cfg.demo_run)
+    runner = study_runner(cfg, ui)
+    ui = runner.ui
     started = time.perf_counter()
-    steps: list[tuple[str, Callable[[], dict]]] = [
-        ("data", lambda: st.stage_data(cfg, ui)),
-        ("stage1", lambda: st.stage_train(cfg, ui, "stage1")),
-        ("stage2", lambda: st.stage_train(cfg, ui, "memento")),
-        ("control", lambda: st.stage_train(cfg, ui, "control")),
-        ("restart", lambda: st.stage_train(cfg, ui, "restart")),
-        ("extract", lambda: st.stage_extract(cfg, ui)),
-        ("probe", lambda: st.stage_probe(cfg, ui)),
-        ("patching", lambda: st.stage_patching(cfg, ui)),
-        ("ablation", lambda: st.stage_ablation(cfg, ui)),
+    stages = [
+        Stage("data", lambda: st.stage_data(cfg, ui)),
+        *(Stage(name, lambda run=run: st.stage_train(cfg, ui, run), threads=True) for name, run in TRAINING),
+        Stage("extract", lambda: st.stage_extract(cfg, ui), threads=True),
+        Stage("probe", lambda: st.stage_probe(cfg, ui), threads=True),
+        Stage("patching", lambda: st.stage_patching(cfg, ui), threads=True),
+        Stage("ablation", lambda: st.stage_ablation(cfg, ui), threads=True),
     ]
     if cfg.demo_run is not None:
-        steps.append(("ablation_demo", lambda: st.stage_ablation_demo(cfg, ui)))
-    with _quiet_transformers(), _threads(cfg.threads):
-        for name, fn in steps:
-            if stages.done(name) is not None:
-                ui.log(f"[dim]✓ {name}: already done (resuming)[/dim]")
-                continue
-            ui.log(f"[bold cyan]▶ {name}[/bold cyan]")
-            t0 = time.perf_counter()
-            result = fn()
-            result["seconds"] = round(time.perf_counter() - t0, 2)
-            stages.finish(name, result)
-        t0 = time.perf_counter()
-        from memento.probe.report import write_report
-
-        report = write_report(cfg, stages, ui)
-        stages.finish("report", {"seconds": round(time.perf_counter() - t0, 2)})
+        stages.append(Stage("ablation_demo", lambda: st.stage_ablation_demo(cfg, ui), threads=True))
+    with quiet_transformers():
+        runner.run(stages)
+        with cpu_threads(cfg.threads):
+            report = write_report(cfg, runner, ui)
     ui.log(f"[dim]this invocation took {time.perf_counter() - started:.0f}s[/dim]")
     return report
-
-
-@contextlib.contextmanager
-def _threads(threads: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-

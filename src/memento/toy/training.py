@@ -58,6 +58,7 @@ def train_run(
     weight_decay: float = 0.01,
     adam_beta2: float = 0.98,
     save_every: int = 0,
+    masking: dict | None = None,
     label: str = "",
     ui: Ui | None = None,
 ) -> dict:
@@ -66,7 +67,8 @@ def train_run(
 
     Defaults are what trains the toy models fastest on a CPU: small batches, AdamW with beta2 0.98
     and a little weight decay. `save_every` > 0 keeps `out/checkpoint-N` every N steps (e.g. to
-    probe a model during training); 0 keeps only the final model."""
+    probe a model during training); 0 keeps only the final model. `masking`: Stage-2 mask options
+    (`BlockMaskingConfig` fields, e.g. restart semantics for `stage="memento"`)."""
     from memento.train import SFTConfig, train
 
     if steps < 1:
@@ -81,6 +83,7 @@ def train_run(
         output_dir=str(out),
         stage=stage,
         format=fmt,
+        masking=dict(masking or {}),
         max_steps=steps,
         lr=lr,
         lr_scheduler="cosine",

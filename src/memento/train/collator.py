@@ -135,7 +135,6 @@ class MementoCollator:
             out["attention_mask"] = dense_mask_from_kill_times(kill)
         return out
 
-
     def _restart_batch(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         """Rows as virtual sequences. HF shifts labels by one entry, so entry e carries the target
         of entry e-1: the token after e-1's position when e-1 produced logits, else -100."""

@@ -112,7 +112,9 @@ class SFTConfig:
         if self.masking.restart_mode and self.stage != "memento":
             raise ValueError("restart_mode is a Stage-2 mask: use it with --stage memento")
         if self.masking.restart_mode and self.attention == "flex":
-            raise ValueError("restart_mode trains over virtual sequences with a dense mask; use sdpa or eager")
+            raise ValueError(
+                "restart_mode trains over virtual sequences with a dense mask; use sdpa or eager"
+            )
         for name in (
             "max_length",
             "batch_size",
