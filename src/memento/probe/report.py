@@ -101,8 +101,11 @@ def render_markdown(report: dict) -> str:
         f"passcode in block {s['target']}; probes: MLP {tuple(s['probe_hidden'])} and linear, "
         f"{s['probe_seeds']} seeds on the main conditions; 95% bootstrap intervals over validation problems.",
         "",
-        f"Baselines per digit: chance {100 * report['baselines']['chance']:.1f}%; text-only Bayes given the "
-        f"block's total (what the running sums reveal) {100 * report['baselines']['text_given_total']:.2f}%.",
+        f"Baselines per digit: chance {100 * report['baselines']['chance']:.1f}%; majority class (most "
+        f"frequent training value per digit, on validation) "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in report["probes"].get("majority", {}).items())
+        + f"; text-only Bayes given the block's total (what the running sums reveal) "
+        f"{100 * report['baselines']['text_given_total']:.2f}%.",
         "",
         "## Per distance (last layer, MLP probe)",
         "",

@@ -277,9 +277,18 @@ def stage_probe(cfg: StudyConfig, ui: Ui) -> dict:
         )
     sizes = {name: {k: int(v.numel()) for k, v in sp.items()} for name, sp in splits.items()}
     overlap = {name: _split_overlap(labels[name].keys, sp) for name, sp in splits.items()}
-    out = {"results": results, "split_sizes": sizes, "split_key_overlap": overlap, "layers": layers}
+    majority = {name: _majority_accuracy(labels[name].labels, sp) for name, sp in splits.items()}
+    out = {"results": results, "split_sizes": sizes, "split_key_overlap": overlap, "majority": majority,
+           "layers": layers}  # fmt: skip
     (p["results"] / "probes.json").write_text(json.dumps(out))
-    return {"split_sizes": sizes, "split_key_overlap": overlap}
+    return {"split_sizes": sizes, "split_key_overlap": overlap, "majority": majority}
+
+
+def _majority_accuracy(labels: torch.Tensor, split: dict[str, torch.Tensor]) -> float:
+    """Validation accuracy of always answering each digit's most frequent training value."""
+    train, val = labels[split[TRAIN]], labels[split[VAL]]
+    mode = torch.mode(train, dim=0).values
+    return round(float((val == mode[None]).float().mean()), 4)
 
 
 CONDITION_SEMANTICS = {name: semantics for name, (_, semantics) in CONDITIONS.items()}
