@@ -8,9 +8,10 @@ forward's KV cache then holds exactly the keys and values the engine would have 
 Keys are taken **after RoPE** (what the cache holds and later queries read). Within one probe set
 every memento sits at the same position in every problem, so post-RoPE keys are a fixed rotation of
 the pre-RoPE ones, position by position, and a probe cannot tell the difference. A memento's
-features at one layer are the mean over its tokens (`<|summary_start|>` and the memento text, the
-tokens computed while the block was visible) of the keys and of the values, all KV heads
-concatenated: `[keys | values]`, `2 * kv_heads * head_dim` numbers.
+features at one layer are its tokens (`<|summary_start|>` and the memento text, the
+tokens computed while the block was visible) side by side (`pooled(..., "concat")`; `"mean"`
+averages them instead), each token's keys and values with all KV heads concatenated:
+`tokens * 2 * kv_heads * head_dim` numbers.
 """
 
 from __future__ import annotations
@@ -90,20 +91,38 @@ def run_entries(model, rows: list[Entries], logits: bool = False) -> ForwardResu
     return ForwardResult(keys, values, out.logits.float().cpu() if logits else None)
 
 
-def pool_mementos(
+def memento_kv(
     result: ForwardResult, row: int, spans: list[tuple[int, int]], entry_of: Sequence[int]
 ) -> torch.Tensor:
-    """`[mementos, layers, 2 * kv_heads * head_dim]`: per memento and layer, mean key | mean value
-    over the memento's tokens, read at the entries `entry_of[position]`."""
+    """`[mementos, layers, tokens, 2 * kv_heads * head_dim]`: per memento, layer and memento token,
+    its key | value (KV heads concatenated), read at the entries `entry_of[position]`. Every
+    memento must have the same number of tokens (true of the probing toy's `sum=NNN`)."""
+    lengths = {se - ss for ss, se in spans}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"mementos of different lengths {sorted(lengths)}: per-token features need equal ones"
+        )
     out = []
     for ss, se in spans:
         idx = torch.tensor([entry_of[p] for p in range(ss, se)])
         per_layer = [
-            torch.cat([k[row][:, idx].mean(dim=1).reshape(-1), v[row][:, idx].mean(dim=1).reshape(-1)])
+            torch.cat(
+                [k[row][:, idx].transpose(0, 1).flatten(1), v[row][:, idx].transpose(0, 1).flatten(1)], dim=-1
+            )
             for k, v in zip(result.keys, result.values, strict=True)
         ]
         out.append(torch.stack(per_layer))
     return torch.stack(out)
+
+
+def pooled(features: torch.Tensor, pool: str) -> torch.Tensor:
+    """Features `[..., tokens, F]` of `extract` as one vector per memento and layer: `concat`
+    (the tokens side by side, `tokens * F`) or `mean` (their average, `F`)."""
+    if pool == "concat":
+        return features.flatten(-2)
+    if pool == "mean":
+        return features.float().mean(dim=-2)
+    raise ValueError(f"pool must be 'concat' or 'mean', got {pool!r}")
 
 
 @torch.no_grad()
@@ -116,10 +135,11 @@ def extract(
     batch_size: int = 32,
     progress=None,
 ) -> torch.Tensor:
-    """Memento KV features of every sequence under `semantics` (a key of `SEMANTICS`):
-    `[sequences, mementos, layers, features]`. Every sequence must have the same number of blocks.
-    The features are read where later tokens read them (`VirtualSequence.last`: in restart, the
-    recomputed copy)."""
+    """Memento KV of every sequence under `semantics` (a key of `SEMANTICS`):
+    `[sequences, mementos, layers, memento tokens, 2 * kv_heads * head_dim]` (`pooled` turns it
+    into one vector per memento and layer). Every sequence must have the same number of blocks.
+    The KV is read where later tokens read it (`VirtualSequence.last`: in restart, the recomputed
+    copy)."""
     config = SEMANTICS[semantics]
     feats = []
     for start in range(0, len(sequences), batch_size):
@@ -127,7 +147,7 @@ def extract(
         virtual = [virtual_sequence(ids, markers, config) for ids in chunk]
         result = run_entries(model, [Entries.of(ids, v) for ids, v in zip(chunk, virtual, strict=True)])
         for b, (ids, v) in enumerate(zip(chunk, virtual, strict=True)):
-            feats.append(pool_mementos(result, b, memento_spans(ids, markers), v.last))
+            feats.append(memento_kv(result, b, memento_spans(ids, markers), v.last))
         if progress is not None:
             progress(len(chunk))
     counts = {f.shape[0] for f in feats}

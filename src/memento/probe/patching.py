@@ -24,7 +24,7 @@ import torch
 
 from memento.masking import BlockMaskingConfig, BlockTracker, virtual_sequence
 from memento.probe.baseline import digit_sum_counts
-from memento.probe.features import Entries, pool_mementos, run_entries
+from memento.probe.features import Entries, memento_kv, memento_spans, run_entries
 from memento.tokens import MarkerIds
 from memento.toy.tasks import ProbeProblem
 
@@ -167,7 +167,7 @@ def run_pairs(
     batch_size: int = 16,
 ) -> dict:
     """For (donor A, recipient B) token-id pairs: per-pair changes of B's continuation when patched
-    and when ablated, and B's later-memento features in all three runs (`[pairs, mementos, layers, F]`)."""
+    and when ablated, and B's memento KV in all three runs (`[pairs, mementos, layers, tokens, F]`, as `extract`)."""
     out: dict = {"patched": [], "ablated": [], "features": {"clean": [], "patched": [], "ablated": []}}
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -181,18 +181,12 @@ def run_pairs(
             n = len(b)
             se = block_marks(b, markers, block).se
             targets = memento_digit_positions(b, markers, block, digits_width)
-            spans = _spans(b, markers)
+            spans = memento_spans(b, markers)
             identity = list(range(n))
             clean = results["clean"].logits[i, :n]
             for name in ("patched", "ablated"):
                 out[name].append(compare(clean, results[name].logits[i, :n], b, se, targets))
             for name, res in results.items():
-                out["features"][name].append(pool_mementos(res, i, spans, identity))
+                out["features"][name].append(memento_kv(res, i, spans, identity))
     out["features"] = {k: torch.stack(v) for k, v in out["features"].items()}
     return out
-
-
-def _spans(ids: Sequence[int], markers: MarkerIds) -> list[tuple[int, int]]:
-    from memento.probe.features import memento_spans
-
-    return memento_spans(ids, markers)

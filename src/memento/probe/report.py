@@ -134,11 +134,10 @@ def render_markdown(report: dict) -> str:
         for label in ("passcode", "digits"):
             row = [cond, label] + [pct(cell(res, label, "mlp", cond, 1, layer)) for layer in range(layers)]
             lines.append("| " + " | ".join(row) + " |")
-    for label in ("passcode", "digits"):
-        row = ["memento (linear)", label] + [
-            pct(cell(res, label, "linear", "memento", 1, i)) for i in range(layers)
-        ]
-        lines.append("| " + " | ".join(row) + " |")
+    for kind, name in (("linear", "memento, linear probe"), ("mlp-mean", "memento, mean-pooled tokens")):
+        for label in ("passcode", "digits"):
+            row = [name, label] + [pct(cell(res, label, kind, "memento", 1, i)) for i in range(layers)]
+            lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Selectivity (Hewitt & Liang): control task = random digits per passcode", "",
               "| probe | layer | passcode val | control val | selectivity | passcode train | control train |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -150,8 +150,8 @@ def load_model(model_dir: Path):
 
 
 def stage_extract(cfg: StudyConfig, ui: Ui) -> dict:
-    """Memento KV features of every probe problem under every condition -> features/<cond>.pt
-    (`[problems, mementos, layers, 2 * kv_heads * head_dim]`, float16)."""
+    """Memento KV of every probe problem under every condition -> features/<cond>.pt
+    (`[problems, mementos, layers, memento tokens, 2 * kv_heads * head_dim]`, float16)."""
     from transformers import AutoTokenizer
 
     from memento.probe.features import extract
@@ -180,47 +180,49 @@ def stage_extract(cfg: StudyConfig, ui: Ui) -> dict:
 
 
 def probe_plan(cfg: StudyConfig, names: list[str]) -> list[dict]:
-    """Which (label, probe kind, seeds, condition, mementos) to train. Everything on the main
-    condition; the controls on the mementos from the labelled block on; checkpoints at +1, +2."""
+    """Which probes to train: (label, kind, condition, mementos, seeds, pooling). Everything on the
+    main condition (M3, M1, the block's own memento), with every seed, a linear probe and mean
+    pooling beside it; the restart-recomputed and direct KV at the labelled block and after; the
+    other controls at the labelled block, +1 and +2; the training checkpoints at +1 and +2."""
     s = cfg.settings
     seeds = list(range(s.probe_seeds))
-    everything = list(range(TASK.blocks))
-    from_target = list(range(s.target, TASK.blocks))
-    plan = []
+    every = list(range(TASK.blocks))
+    after = list(range(s.target, TASK.blocks))
+    near = [j for j in range(s.target, s.target + 3) if j < TASK.blocks]
+    plan: list[dict] = []
+
+    def add(label: str, kind: str, cond: str, mementos: list[int], seeds=(0,), pool: str = "concat") -> None:
+        plan.append({"label": label, "kind": kind, "cond": cond, "mementos": mementos, "seeds": list(seeds),
+                     "pool": pool})  # fmt: skip
+
     for label in ("passcode", "digits"):
-        plan.append(
-            {"label": label, "kind": "mlp", "seeds": seeds, "cond": "memento", "mementos": everything}
-        )
-        plan.append(
-            {"label": label, "kind": "linear", "seeds": [0], "cond": "memento", "mementos": everything}
-        )
-        plan.append(
-            {"label": label, "kind": "mlp", "seeds": seeds, "cond": "restart_kv", "mementos": from_target}
-        )
-        plan.append(
-            {"label": label, "kind": "linear", "seeds": [0], "cond": "restart_kv", "mementos": from_target}
-        )
-        plan.append({"label": label, "kind": "mlp", "seeds": [0], "cond": "direct", "mementos": from_target})
+        add(label, "mlp", "memento", every, seeds)
+        add(label, "linear", "memento", every)
+        add(label, "mlp", "memento", every, pool="mean")
+        add(label, "mlp", "restart_kv", after)
+        add(label, "linear", "restart_kv", after)
+        add(label, "mlp", "direct", after)
         for cond in ("restart", "untrained", "control", "restart_trained"):
-            plan.append({"label": label, "kind": "mlp", "seeds": [0], "cond": cond, "mementos": from_target})
+            add(label, "mlp", cond, near)
         for cond in names:
             if cond.startswith("step-"):
-                later = [j for j in (s.target + 1, s.target + 2) if j < TASK.blocks]
-                plan.append({"label": label, "kind": "mlp", "seeds": [0], "cond": cond, "mementos": later})
-    for kind in ("mlp", "linear"):
-        plan.append(
-            {"label": "control", "kind": kind, "seeds": [0], "cond": "memento", "mementos": everything}
-        )
-    plan.append(
-        {"label": "digits_last", "kind": "mlp", "seeds": [0], "cond": "memento", "mementos": everything}
-    )
+                add(label, "mlp", cond, near[1:])
+    add("control", "mlp", "memento", every)
+    add("control", "linear", "memento", every)
+    add("digits_last", "mlp", "memento", every)
     return plan
+
+
+def result_kind(job: dict) -> str:
+    """The key a probe's results sit under: its kind, with `-mean` for mean-pooled features."""
+    return job["kind"] if job["pool"] == "concat" else f"{job['kind']}-mean"
 
 
 def stage_probe(cfg: StudyConfig, ui: Ui) -> dict:
     """Train every probe of `probe_plan`; results/probes.json holds, per label / kind / condition /
     layer / memento, the validation accuracy with its bootstrap interval over problems (seeds
     averaged per problem) and each seed's mean; the main digits probe is kept for patching."""
+    from memento.probe.features import pooled
     from memento.probe.probes import ProbeConfig, fit_probes
     from memento.probe.stats import bootstrap_many
 
@@ -228,14 +230,20 @@ def stage_probe(cfg: StudyConfig, ui: Ui) -> dict:
     problems = read_probe_problems(cfg)
     labels = label_sets(problems, cfg.seed)
     names = list(conditions(cfg))
-    feats = {n: torch.load(p["features"] / f"{n}.pt") for n in names}
-    layers = feats["memento"].shape[2]
+    feats: dict[str, torch.Tensor] = {}
+
+    def features(cond: str) -> torch.Tensor:
+        if cond not in feats:
+            feats[cond] = torch.load(p["features"] / f"{cond}.pt")  # [N, mementos, layers, tokens, F]
+        return feats[cond]
+
+    layers = features("memento").shape[2]
     p["results"].mkdir(parents=True, exist_ok=True)
     splits = {name: ls.split(s.val_fraction, s.dev_fraction, cfg.seed) for name, ls in labels.items()}
     results: dict = {}
     for job in probe_plan(cfg, names):
         ls, split = labels[job["label"]], splits[job["label"]]
-        x = feats[job["cond"]][:, job["mementos"]]  # [N, J, L, F]
+        x = pooled(features(job["cond"])[:, job["mementos"]], job["pool"]).float()  # [N, J, L, F]
         groups = x.permute(1, 2, 0, 3).reshape(len(job["mementos"]) * layers, x.shape[0], x.shape[-1])
         y = ls.labels
         per_seed, train_acc = [], []
@@ -254,7 +262,7 @@ def stage_probe(cfg: StudyConfig, ui: Ui) -> dict:
             train_acc.append(
                 (fitted.predict(groups[:, split[TRAIN]]) == y[split[TRAIN]][None]).float().mean(dim=(1, 2))
             )
-            if (job["label"], job["kind"], job["cond"], seed) == ("digits", "mlp", "memento", 0):
+            if (job["label"], result_kind(job), job["cond"], seed) == ("digits", "mlp", "memento", 0):
                 torch.save(
                     {"fitted": fitted, "mementos": job["mementos"], "layers": layers},
                     p["results"] / "digits_probe.pt",
@@ -271,9 +279,10 @@ def stage_probe(cfg: StudyConfig, ui: Ui) -> dict:
                 "train": round(float(torch.stack(train_acc)[:, g].mean()), 4),
                 "text_baseline": ls.text_baseline(j - ls.block, CONDITION_SEMANTICS.get(job["cond"], "memento")).per_digit,
             })  # fmt: skip
-        results.setdefault(job["label"], {}).setdefault(job["kind"], {})[job["cond"]] = cells
+        results.setdefault(job["label"], {}).setdefault(result_kind(job), {})[job["cond"]] = cells
         ui.log(
-            f"  {job['label']:<11} {job['kind']:<6} {job['cond']:<16} {len(cells)} probes x {len(job['seeds'])} seeds"
+            f"  {job['label']:<11} {result_kind(job):<11} {job['cond']:<16} {len(cells)} probes x "
+            f"{len(job['seeds'])} seeds"
         )
     sizes = {name: {k: int(v.numel()) for k, v in sp.items()} for name, sp in splits.items()}
     overlap = {name: _split_overlap(labels[name].keys, sp) for name, sp in splits.items()}
@@ -307,6 +316,7 @@ def stage_patching(cfg: StudyConfig, ui: Ui) -> dict:
     """Patch A's block-t memento KV into B (same memento text, other digits in block t)."""
     from transformers import AutoTokenizer
 
+    from memento.probe.features import pooled
     from memento.probe.patching import run_pairs, same_total_twin
     from memento.probe.stats import bootstrap, bootstrap_many
     from memento.tokens import MarkerIds
@@ -342,11 +352,8 @@ def stage_patching(cfg: StudyConfig, ui: Ui) -> dict:
     y_b = torch.tensor([list(b.digits[s.target]) for b in recipients])
     readout: dict = {}
     for run, feats in res["features"].items():
-        x = (
-            feats[:, mementos]
-            .permute(1, 2, 0, 3)
-            .reshape(len(mementos) * layers, feats.shape[0], feats.shape[-1])
-        )
+        x = pooled(feats[:, mementos], "concat").float()  # [pairs, J, L, F]
+        x = x.permute(1, 2, 0, 3).reshape(len(mementos) * layers, x.shape[0], x.shape[-1])
         pred = fitted.predict(x)
         for who, y in (("recipient", y_b), ("donor", y_a)):
             right = (pred == y[None]).float().mean(dim=2)
