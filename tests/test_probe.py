@@ -17,6 +17,7 @@ from engine_helpers import one_thread, sharp_model  # noqa: F401 (fixture)
 from memento.cli import app
 from memento.hf import cache_kv, remove_span, with_cache
 from memento.masking import BlockMaskingConfig, attention_mask, evictions
+from memento.probe.ablation import score_probe_sample
 from memento.probe.baseline import digit_sum_counts, given_total, nothing
 from memento.probe.data import DEV, TRAIN, VAL, label_sets, probe_problems
 from memento.probe.features import extract, memento_spans, pooled
@@ -83,6 +84,23 @@ def test_probes_find_a_planted_signal_and_not_noise():
         assert right[0, :, 0].mean() > 0.6
         assert right[1].mean() < 0.16  # noise stays near chance
         assert fitted.predict(x[:, 1000:]).shape == (2, 200, 5)
+
+
+def test_probe_generations_are_scored_by_their_own_digits():
+    task = ProbeTask(worked=True)
+    trace = task.trace(task.problems(1, seed=1)[0])
+    text = trace.render() + "<|im_end|>"
+    assert score_probe_sample(task, text, "stop") == {
+        "well_formed": True, "correct": True, "mementos_correct": 1.0, "reads_memento": 1.0, "adds_in_block": 1.0,
+    }  # fmt: skip
+    first = trace.blocks[3].reasoning.split()[0]
+    digit, _, total = first.partition(":")
+    misread = text.replace(first, f"{digit}:{int(total) + 1:03d}", 1)  # block 3 misreads memento 2
+    score = score_probe_sample(task, misread, "stop")
+    assert score["reads_memento"] == pytest.approx(8 / 9) and score["correct"] and score["well_formed"]
+    wrong = text.replace(trace.answer, "sum=000")
+    assert not score_probe_sample(task, wrong, "stop")["correct"]
+    assert not score_probe_sample(task, text, "length")["well_formed"]
 
 
 def test_bootstrap_intervals():

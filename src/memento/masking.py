@@ -395,13 +395,15 @@ def virtual_sequence(
             last[p] = e
 
     for p, t in enumerate(ids):
-        for ev in tracker.feed(t):
+        evs = tracker.feed(t)
+        for ev in evs:  # evictions sharing a trigger apply together, then one recompute
             live[:] = [e for e in live if not ev.start <= positions[e] < ev.end]
-            if ev.recompute_from is not None:
-                redo = [positions[e] for e in live if positions[e] >= ev.recompute_from]
-                live[:] = [e for e in live if positions[e] < ev.recompute_from]
-                for q in redo:
-                    add(q)
+        starts = [ev.recompute_from for ev in evs if ev.recompute_from is not None]
+        if starts:
+            redo = [positions[e] for e in live if positions[e] >= min(starts)]
+            live[:] = [e for e in live if positions[e] < min(starts)]
+            for q in redo:
+                add(q)
         add(p)
     visible = torch.zeros(len(positions), len(positions), dtype=torch.bool)
     for e, keys in enumerate(rows):

@@ -70,11 +70,35 @@ def score_probe_sample(task: ProbeTask, text: str, finish_reason: str) -> dict:
         and all(d is not None for d in blocks)
         and int(answer.group(1)) == total
     )
-    return {
+    out = {
         "well_formed": well_formed,
         "correct": correct,
         "mementos_correct": right / len(blocks) if blocks else 0.0,
     }
+    if task.worked:
+        out |= _worked_steps(trace.blocks, mementos)
+    return out
+
+
+def _worked_steps(blocks, mementos) -> dict:
+    """Where a worked generation goes wrong: `reads_memento` = blocks whose first running total is
+    the previous memento plus the first digit (the step that reads the state from the memento),
+    `adds_in_block` = the other steps (previous total in the block plus the digit)."""
+    reads = [0, 0]
+    adds = [0, 0]
+    for i, block in enumerate(blocks):
+        items = [item.partition(":") for item in block.reasoning.split(" passcode ")[0].split()]
+        steps = [(int(d), int(t)) for d, sep, t in items if sep and d.isdigit() and t.isdigit()]
+        if not steps:
+            continue
+        if i > 0 and mementos[i - 1] is not None:
+            reads[0] += steps[0][1] == int(mementos[i - 1].group(1)) + steps[0][0]
+            reads[1] += 1
+        for (_, before), (d, after) in zip(steps, steps[1:], strict=False):
+            adds[0] += after == before + d
+            adds[1] += 1
+    return {"reads_memento": reads[0] / reads[1] if reads[1] else 0.0,
+            "adds_in_block": adds[0] / adds[1] if adds[1] else 0.0}  # fmt: skip
 
 
 def score_chain_sample(task: ChainTask, problem: ChainProblem, text: str, finish_reason: str) -> dict:
@@ -161,7 +185,8 @@ def summarize(run: SampledRun, reference: str = "memento", seed: int = 0) -> dic
 
     out: dict = {}
     for mode, per in run.scores.items():
-        keys = [k for k in ("correct", "well_formed", "mementos_correct") if k in per[0][0]]
+        keys = [k for k in ("correct", "well_formed", "mementos_correct", "reads_memento", "adds_in_block")
+                if k in per[0][0]]  # fmt: skip
         row = {k: bootstrap(units(per, k), seed=seed).to_dict() for k in keys}
         if reference in run.scores and mode != reference:
             ref = run.scores[reference]

@@ -10,8 +10,8 @@ absorbed from its block differs. Three runs of B, all under the Stage-2 mask:
 * `ablated`: they read that KV recomputed without any block (the fair restart, for block t only).
 
 What changes: the next-token distributions after the memento (KL to `clean`, overall and where the
-next token is a later memento's digit), the teacher-forced memento digits, and what a probe trained
-on clean features reads from B's later mementos: A's digits or B's.
+next token is a digit of a later running sum), the teacher-forced running sums, and what a probe
+trained on clean features reads from B's later mementos: A's digits or B's.
 """
 
 from __future__ import annotations
@@ -114,10 +114,10 @@ def spliced_entries(
 
 @dataclass
 class PairResult:
-    kl_all: float  # mean KL(clean || run) over positions after block t's memento
-    kl_memento: float  # ... where the next token is a later memento's digit
-    changed_memento: float  # fraction of those greedy next tokens that differ from clean
-    correct_memento: float  # fraction of those that are right (teacher forced)
+    kl_all: float  # mean KL(clean || run) over the positions after block t's memento
+    kl_sums: float  # ... over the positions whose next token is a digit of a later running sum
+    changed_sums: float  # fraction of those greedy next tokens that differ from clean
+    correct_sums: float  # fraction of those that are right (teacher forced)
 
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -127,13 +127,13 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 
 
 def compare(
-    clean: torch.Tensor, run: torch.Tensor, ids: Sequence[int], start: int, digit_targets: list[int]
+    clean: torch.Tensor, run: torch.Tensor, ids: Sequence[int], start: int, targets: list[int]
 ) -> PairResult:
-    """Logits `[n, V]` of B's own entries in two runs; `digit_targets`: positions p whose next token
-    (at p + 1) is a later memento's digit."""
+    """Logits `[n, V]` of B's own entries in two runs; `targets`: positions p (>= start) whose next
+    token (at p + 1) is a digit of a running sum (what the task computes, unlike the random digits)."""
     kl = _kl(clean[start:-1], run[start:-1])
-    idx = torch.tensor(digit_targets)
-    want = torch.tensor([ids[p + 1] for p in digit_targets])
+    idx = torch.tensor(targets)
+    want = torch.tensor([ids[p + 1] for p in targets])
     return PairResult(
         float(kl.mean()),
         float(_kl(clean[idx], run[idx]).mean()),
@@ -142,17 +142,23 @@ def compare(
     )
 
 
-def memento_digit_positions(
-    ids: Sequence[int], markers: MarkerIds, after_block: int, width: int
+def sum_digit_targets(
+    ids: Sequence[int], markers: MarkerIds, after_block: int, width: int, colon: int | None = None
 ) -> list[int]:
-    """Positions p whose next token is one of the last `width` tokens (the digits) of a memento of a
-    block after `after_block`."""
+    """Positions p whose next token is a digit of a running sum after block `after_block`: the last
+    `width` tokens of every later memento and, in the worked format (`colon` = the id of `:`), the
+    `width` digits after each `:` inside later blocks."""
     tracker = BlockTracker(markers, BlockMaskingConfig.full())
     tracker.feed_all(ids)
     out = []
     for b in tracker.blocks[after_block + 1 :]:
-        if b.complete:
-            out += [p - 1 for p in range(b.se - width, b.se)]
+        if not b.complete:
+            continue
+        if colon is not None:
+            for p in range(b.bs + 1, b.be):
+                if ids[p] == colon:
+                    out += [q - 1 for q in range(p + 1, p + 1 + width)]
+        out += [q - 1 for q in range(b.se - width, b.se)]
     return out
 
 
@@ -164,6 +170,7 @@ def run_pairs(
     block: int,
     *,
     digits_width: int = 3,
+    colon: int | None = None,
     batch_size: int = 16,
 ) -> dict:
     """For (donor A, recipient B) token-id pairs: per-pair changes of B's continuation when patched
@@ -180,7 +187,7 @@ def run_pairs(
         for i, (_, b) in enumerate(chunk):
             n = len(b)
             se = block_marks(b, markers, block).se
-            targets = memento_digit_positions(b, markers, block, digits_width)
+            targets = sum_digit_targets(b, markers, block, digits_width, colon)
             spans = memento_spans(b, markers)
             identity = list(range(n))
             clean = results["clean"].logits[i, :n]

@@ -161,14 +161,14 @@ def render_markdown(report: dict) -> str:
         )
     pt = report["patching"]
     lines += ["", f"## Use: patching block {s['target']}'s memento KV from A into B ({pt['pairs']} pairs, same memento text)",
-              "", "| run | KL (all later tokens) | KL (later memento digits) | greedy memento digits changed | memento digits right |",
+              "", "| run | KL (all later tokens) | KL (later running-sum digits) | greedy sum digits changed | sum digits right (teacher forced) |",
               "|---|---|---|---|---|"]  # fmt: skip
     for run in ("patched", "ablated"):
         r = pt[run]
         lines.append(
             f"| {run} | {r['kl_all']['mean']:.4f} [{r['kl_all']['low']:.4f}, {r['kl_all']['high']:.4f}] | "
-            f"{r['kl_memento']['mean']:.4f} [{r['kl_memento']['low']:.4f}, {r['kl_memento']['high']:.4f}] | "
-            f"{pct(r['changed_memento'])} | {pct(r['correct_memento'])} |"
+            f"{r['kl_sums']['mean']:.4f} [{r['kl_sums']['low']:.4f}, {r['kl_sums']['high']:.4f}] | "
+            f"{pct(r['changed_sums'])} | {pct(r['correct_sums'])} |"
         )
     lines += ["", "Probe readout of B's later mementos (digits probe trained on clean features, last layer):", "",
               "| run | distance | reads B's digits | reads A's digits |", "|---|---|---|---|"]  # fmt: skip
@@ -190,8 +190,8 @@ def render_markdown(report: dict) -> str:
 
 
 def _ablation_table(ablation: dict) -> str:
-    rows = ["| model | mode | accuracy | well-formed | mementos correct | accuracy vs memento mode |",
-            "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| model | mode | accuracy | well-formed | mementos correct | reads the memento | adds in a block | accuracy vs memento mode |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for model in ("memento_model", "restart_model", "control_model"):
         for mode, r in ablation.get(model, {}).items():
             diff = r.get("vs_memento", {}).get("correct")
@@ -202,7 +202,7 @@ def _ablation_table(ablation: dict) -> str:
             )
             rows.append(
                 f"| {model.replace('_model', '')} | {mode} | {pct(r['correct'])} | {pct(r['well_formed'])} | "
-                f"{pct(r.get('mementos_correct'))} | {d} |"
+                f"{pct(r.get('mementos_correct'))} | {pct(r.get('reads_memento'))} | {pct(r.get('adds_in_block'))} | {d} |"
             )
     return "\n".join(rows)
 

@@ -133,11 +133,16 @@ CONDITIONS: dict[str, tuple[str, str]] = {
 }
 
 
-def conditions(cfg: StudyConfig) -> dict[str, tuple[Path, str]]:
-    p = paths(cfg)
-    out = {name: (p[model], semantics) for name, (model, semantics) in CONDITIONS.items()}
+MAIN = ("memento", "direct", "restart_kv")  # on every probe problem; the others on the first n_probe_controls
+
+
+def conditions(cfg: StudyConfig) -> dict[str, tuple[Path, str, int]]:
+    """condition -> (model dir, semantics, number of probe problems it is extracted for)."""
+    s, p = cfg.settings, paths(cfg)
+    size = {True: s.n_probe, False: min(s.n_probe, s.n_probe_controls)}
+    out = {name: (p[model], sem, size[name in MAIN]) for name, (model, sem) in CONDITIONS.items()}
     for step, model_dir in checkpoint_dirs(cfg)[:-1]:
-        out[f"step-{step}"] = (model_dir, "memento")
+        out[f"step-{step}"] = (model_dir, "memento", size[False])
     return out
 
 
@@ -163,11 +168,11 @@ def stage_extract(cfg: StudyConfig, ui: Ui) -> dict:
     sequences = tokenize(tokenizer, read_probe_problems(cfg))
     p["features"].mkdir(parents=True, exist_ok=True)
     shapes = {}
-    for name, (model_dir, semantics) in conditions(cfg).items():
+    for name, (model_dir, semantics, n) in conditions(cfg).items():
         target = p["features"] / f"{name}.pt"
         if target.is_file():
             continue
-        feats = extract(load_model(model_dir), sequences, markers, semantics)
+        feats = extract(load_model(model_dir), sequences[:n], markers, semantics)
         tmp = target.with_suffix(".tmp")
         torch.save(feats.half(), tmp)
         tmp.replace(target)
@@ -242,8 +247,10 @@ def stage_probe(cfg: StudyConfig, ui: Ui) -> dict:
     splits = {name: ls.split(s.val_fraction, s.dev_fraction, cfg.seed) for name, ls in labels.items()}
     results: dict = {}
     for job in probe_plan(cfg, names):
-        ls, split = labels[job["label"]], splits[job["label"]]
+        ls = labels[job["label"]]
         x = pooled(features(job["cond"])[:, job["mementos"]], job["pool"]).float()  # [N, J, L, F]
+        # conditions extracted for the first n problems only: the same split, restricted to them
+        split = {k: v[v < x.shape[0]] for k, v in splits[job["label"]].items()}
         groups = x.permute(1, 2, 0, 3).reshape(len(job["mementos"]) * layers, x.shape[0], x.shape[-1])
         y = ls.labels
         per_seed, train_acc = [], []
@@ -338,13 +345,16 @@ def stage_patching(cfg: StudyConfig, ui: Ui) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(p["init"])
     markers = MarkerIds.from_tokenizer(tokenizer)
     ids_a, ids_b = tokenize(tokenizer, donors), tokenize(tokenizer, recipients)
-    res = run_pairs(load_model(p["memento"]), list(zip(ids_a, ids_b, strict=True)), markers, s.target)
+    colon = tokenizer.convert_tokens_to_ids(":") if TASK.worked else None
+    res = run_pairs(
+        load_model(p["memento"]), list(zip(ids_a, ids_b, strict=True)), markers, s.target, colon=colon
+    )
     out: dict = {"pairs": len(recipients)}
     for run in ("patched", "ablated"):
         rows = res[run]
         out[run] = {
             key: bootstrap(torch.tensor([getattr(r, key) for r in rows]), resamples=s.bootstrap, seed=cfg.seed).to_dict()
-            for key in ("kl_all", "kl_memento", "changed_memento", "correct_memento")
+            for key in ("kl_all", "kl_sums", "changed_sums", "correct_sums")
         }  # fmt: skip
     saved = torch.load(p["results"] / "digits_probe.pt", weights_only=False)
     fitted, mementos, layers = saved["fitted"], saved["mementos"], saved["layers"]
@@ -369,8 +379,8 @@ def stage_patching(cfg: StudyConfig, ui: Ui) -> dict:
     (p["results"] / "patching.json").write_text(json.dumps(out))
     pk = out["patched"]
     ui.log(
-        f"  {len(recipients)} pairs · patched: KL at later memento digits {pk['kl_memento']['mean']:.4f}, "
-        f"greedy digits changed {pk['changed_memento']['mean']:.1%}"
+        f"  {len(recipients)} pairs · patched: KL at later sum digits {pk['kl_sums']['mean']:.4f}, "
+        f"greedy sum digits changed {pk['changed_sums']['mean']:.1%}"
     )
     return {"pairs": len(recipients)}
 

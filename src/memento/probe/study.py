@@ -61,7 +61,8 @@ class Profile:
     lr: float = 3e-3  # stage 1 (from scratch)
     finetune_lr: float = 1.5e-3  # stage 2, control, restart (from stage 1)
     # probing
-    n_probe: int = 1500
+    n_probe: int = 1500  # held-out problems for the main conditions (masked, direct, restart-recomputed)
+    n_probe_controls: int = 750  # ... for the other controls and the training checkpoints
     target: int = 2
     probe_seeds: int = 3
     probe_epochs: int = 15
@@ -91,8 +92,8 @@ PROFILES: dict[str, Profile] = {
     # `memento probe --quick`: seconds; checks shapes, the split by passcode and every stage's plumbing.
     "quick": Profile(
         "quick", layers=2, hidden=32, heads=2, kv_heads=1, n_train=48, stage1_steps=3, stage2_steps=2,
-        checkpoints=1, batch_size=4, n_probe=60, probe_seeds=2, probe_epochs=2, probe_hidden=(16,),
-        bootstrap=50, n_patch=6, ablation_samples=3, curve_samples=2, demo_problems=2, demo_samples=1,
+        checkpoints=1, batch_size=4, n_probe=60, n_probe_controls=40, probe_seeds=2, probe_epochs=2,
+        probe_hidden=(16,), bootstrap=50, n_patch=6, ablation_samples=3, curve_samples=2, demo_problems=2, demo_samples=1,
         max_new_tokens=24,
     ),
 }  # fmt: skip
