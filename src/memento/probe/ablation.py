@@ -30,8 +30,10 @@ MODES: dict[str, tuple[str, BlockMaskingConfig]] = {
     "restart_kv": ("restart", BlockMaskingConfig(restart_kv_only=True)),
 }
 
-PAPER_TEMPERATURE = 0.6  # Qwen3's recommended thinking-mode sampling, as used for the paper's model
+# The paper's sampling (App. A.2.2; the same defaults as `memento eval`)
+PAPER_TEMPERATURE = 0.6
 PAPER_TOP_P = 0.95
+PAPER_TOP_K = 20
 
 _PROBE_SUM = re.compile(r"^sum=(\d+)$")
 
@@ -132,6 +134,7 @@ def sample_modes(
     seed: int,
     temperature: float = PAPER_TEMPERATURE,
     top_p: float = PAPER_TOP_P,
+    top_k: int = PAPER_TOP_K,
     batch: int = 32,
     progress: Callable[[str, int], None] | None = None,
 ) -> SampledRun:
@@ -151,6 +154,7 @@ def sample_modes(
             SamplingParams(
                 temperature=temperature,
                 top_p=top_p,
+                top_k=top_k,
                 n=samples,
                 seed=seed + 1000 * i,
                 max_new_tokens=max_new_tokens,
