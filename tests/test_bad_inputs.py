@@ -550,6 +550,13 @@ ROWS: list[Row] = [
     R("demo", "--threads 0", "demo --out {out} --threads 0", 2, "threads"),
     R("demo", "--out a file", "demo --out {afile}", 2, "is a file"),
     R("demo", "unknown flag", "demo --out {out} --minutes 3", 2, "No such option"),
+    # ---------------------------------------------------------------- probe
+    R("probe", "--threads 0", "probe --out {out} --threads 0", 2, "--threads"),
+    R("probe", "--out a file", "probe --out {afile}", 2, "is a file"),
+    R("probe", "--demo-run missing", "probe --out {out} --demo-run {tmp}/nope", 2, "not a finished `memento demo` run"),
+    R("probe", "--demo-run not a demo", "probe --out {out} --demo-run {adir}", 2, "not a finished `memento demo` run"),
+    R("probe", "--demo-run a file", "probe --out {out} --demo-run {afile}", 2, "not a finished `memento demo` run"),
+    R("probe", "unknown flag", "probe --out {out} --layers 2", 2, "No such option"),
     # rl, more (the rl helper)
     R("rl", "model is a file", "rl --model {afile} --prompts {bench} --output-dir {out}", 2, "is a file"),
     R("rl", "prompts a folder", "rl --model {model} --prompts {adir} --output-dir {out}", 2, "is a directory"),
