@@ -268,3 +268,11 @@ def test_probe_quick_end_to_end(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["ablation_demo"]["modes"]) == {"memento", "restart", "restart_kv"}
     assert (out / "models" / "memento" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_difference_of_independent_samples():
+    from memento.probe.stats import difference
+
+    a, b = torch.tensor([1.0] * 80 + [0.0] * 20), torch.tensor([1.0] * 60 + [0.0] * 40)
+    d = difference(a, b, resamples=500)
+    assert d.mean == pytest.approx(0.2) and d.low < 0.2 < d.high and d.low > 0.05

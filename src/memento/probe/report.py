@@ -178,7 +178,12 @@ def render_markdown(report: dict) -> str:
         for d in (1, 2, 3):
             if (d, last) in rb:
                 lines.append(f"| {run} | +{d} | {pct(rb[(d, last)])} | {pct(ra[(d, last)])} |")
-    lines += ["", "## Restart ablation, sampled (probing toy)", "", _ablation_table(report["ablation"])]
+    lines += ["", "## Restart ablation, sampled (probing toy)", "", _ablation_table(report["ablation"]), ""]
+    for name, d in report["ablation"].get("vs_memento_model", {}).items():
+        lines.append(
+            f"* {name.replace('_', ' ')} (own semantics) vs the memento model (memento mode): accuracy "
+            f"{100 * d['mean']:+.1f} pp [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+        )
     if report["ablation_demo"]:
         dm = report["ablation_demo"]
         lines += ["", f"## Restart ablation on the demo model ({dm['problems']} problems x {dm['samples']} samples)",

@@ -403,6 +403,7 @@ def stage_ablation(cfg: StudyConfig, ui: Ui) -> dict:
     from transformers import AutoTokenizer
 
     from memento.probe.ablation import sample_modes, score_probe_sample, summarize
+    from memento.probe.stats import difference
 
     s, p = cfg.settings, paths(cfg)
     tokenizer = AutoTokenizer.from_pretrained(p["init"])
@@ -414,21 +415,35 @@ def stage_ablation(cfg: StudyConfig, ui: Ui) -> dict:
     def score(_i: int, text: str, finish: str) -> dict:
         return score_probe_sample(TASK, text, finish)
 
-    def run(model_dir: Path, modes: list[str], samples: int, seed: int) -> dict:
-        sampled = sample_modes(
+    sampled = {}
+
+    def run(key: str, model_dir: Path, modes: list[str], samples: int, seed: int) -> dict:
+        sampled[key] = sample_modes(
             model_dir, [prompt], modes, score, samples=samples, max_new_tokens=max_new, seed=seed
         )
-        return summarize(sampled, seed=cfg.seed)
+        return summarize(sampled[key], seed=cfg.seed)
 
     seed = 10_000 * (cfg.seed + 1)
     out = {
-        "memento_model": run(p["memento"], ["memento", "restart", "restart_kv"], s.ablation_samples, seed),
-        "restart_model": run(p["restart"], ["restart_kv", "memento"], s.ablation_samples, seed),
-        "control_model": run(p["control"], ["full"], s.ablation_samples, seed),
+        "memento_model": run(
+            "memento", p["memento"], ["memento", "restart", "restart_kv"], s.ablation_samples, seed
+        ),
+        "restart_model": run("restart", p["restart"], ["restart_kv", "memento"], s.ablation_samples, seed),
+        "control_model": run("control", p["control"], ["full"], s.ablation_samples, seed),
         "curve": [],
     }
+    # what training under restart semantics costs or gains, each model in its own semantics (and the
+    # control in full attention), against the memento model in memento mode: independent samples
+    reference = _sample_scores(sampled["memento"], "memento", "correct")
+    out["vs_memento_model"] = {
+        name: difference(_sample_scores(sampled[key], mode, "correct"), reference, seed=cfg.seed).to_dict()
+        for name, key, mode in (
+            ("restart_model", "restart", "restart_kv"),
+            ("control_model", "control", "full"),
+        )
+    }
     for step, model_dir in checkpoint_dirs(cfg):
-        row = run(model_dir, ["memento"], s.curve_samples, seed)["memento"]
+        row = run(f"step-{step}", model_dir, ["memento"], s.curve_samples, seed)["memento"]
         out["curve"].append({"step": step, **row})
     (p["results"] / "ablation.json").write_text(json.dumps(out))
     for name in ("memento", "restart", "restart_kv"):
@@ -437,6 +452,10 @@ def stage_ablation(cfg: StudyConfig, ui: Ui) -> dict:
             f"  memento model, {name:<10}: accuracy {r['correct']['mean']:.1%} · well-formed {r['well_formed']['mean']:.1%}"
         )
     return {"samples": s.ablation_samples}
+
+
+def _sample_scores(run, mode: str, key: str) -> torch.Tensor:
+    return torch.tensor([float(sample[key]) for samples in run.scores[mode] for sample in samples])
 
 
 def stage_ablation_demo(cfg: StudyConfig, ui: Ui) -> dict:

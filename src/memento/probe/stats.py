@@ -25,8 +25,7 @@ class Estimate:
 
 def bootstrap(scores: torch.Tensor, *, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> Estimate:
     """`scores`: one number per problem (e.g. the fraction of its five digits a probe got right,
-    averaged over probe seeds), or `[groups, problems]` for several estimates at once (then a list
-    is not returned; use `bootstrap_many`)."""
+    averaged over probe seeds); `bootstrap_many` does several rows on the same resamples."""
     return bootstrap_many(scores[None], resamples=resamples, seed=seed, level=level)[0]
 
 
@@ -52,3 +51,14 @@ def bootstrap_many(
 def paired_difference(a: torch.Tensor, b: torch.Tensor, *, resamples: int = 1000, seed: int = 0) -> Estimate:
     """Mean of `a - b` over the same problems, with its bootstrap interval (a paired comparison)."""
     return bootstrap(a.double() - b.double(), resamples=resamples, seed=seed)
+
+
+def difference(a: torch.Tensor, b: torch.Tensor, *, resamples: int = 1000, seed: int = 0) -> Estimate:
+    """Mean of `a` minus mean of `b` for two independent samples (each resampled on its own)."""
+    generator = torch.Generator().manual_seed(seed)
+    a, b = a.double(), b.double()
+    ia = torch.randint(0, len(a), (resamples, len(a)), generator=generator)
+    ib = torch.randint(0, len(b), (resamples, len(b)), generator=generator)
+    diffs = a[ia].mean(1) - b[ib].mean(1)
+    low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return Estimate(float(a.mean() - b.mean()), low, high, len(a) + len(b))
