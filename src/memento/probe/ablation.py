@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -216,7 +216,9 @@ def read_demo_run(run_dir: str | Path) -> tuple[ChainTask, list[ChainProblem], P
         if not path.is_file():
             raise ValueError(f"--demo-run {run_dir}: not a finished `memento demo` run ({path} is missing)")
     try:
-        profile = Profile(**json.loads(config_path.read_text())["profile"])
+        saved = json.loads(config_path.read_text())["profile"]
+        known = {f.name for f in fields(Profile)}
+        profile = Profile(**{k: v for k, v in saved.items() if k in known})  # runs from newer demos too
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{config_path}: cannot read the demo's settings ({exc})") from exc
     return profile.task, read_test(demo.test), model_dir
