@@ -85,7 +85,8 @@ def score_probe_sample(task: ProbeTask, text: str, finish_reason: str) -> dict:
 def _worked_steps(blocks, mementos) -> dict:
     """Where a worked generation goes wrong: `reads_memento` = blocks whose first running total is
     the previous memento plus the first digit (the step that reads the state from the memento),
-    `adds_in_block` = the other steps (previous total in the block plus the digit)."""
+    `adds_in_block` = the other steps (previous total in the block plus the digit); None when the
+    generation has no such step (e.g. it stopped after one block)."""
     reads = [0, 0]
     adds = [0, 0]
     for i, block in enumerate(blocks):
@@ -99,8 +100,8 @@ def _worked_steps(blocks, mementos) -> dict:
         for (_, before), (d, after) in zip(steps, steps[1:], strict=False):
             adds[0] += after == before + d
             adds[1] += 1
-    return {"reads_memento": reads[0] / reads[1] if reads[1] else 0.0,
-            "adds_in_block": adds[0] / adds[1] if adds[1] else 0.0}  # fmt: skip
+    return {"reads_memento": reads[0] / reads[1] if reads[1] else None,
+            "adds_in_block": adds[0] / adds[1] if adds[1] else None}  # fmt: skip
 
 
 def score_chain_sample(task: ChainTask, problem: ChainProblem, text: str, finish_reason: str) -> dict:
@@ -183,19 +184,29 @@ def summarize(run: SampledRun, reference: str = "memento", seed: int = 0) -> dic
     `reference`."""
 
     def units(per: list[list[dict]], key: str) -> torch.Tensor:
+        """One number per independent unit; samples where `key` is None (not measurable) are left out."""
         if len(per) == 1:  # one prompt (the probing toy): the samples are the independent units
-            return torch.tensor([float(s[key]) for s in per[0]])
-        return torch.tensor([sum(float(s[key]) for s in samples) / len(samples) for samples in per])
+            return torch.tensor([float(s[key]) for s in per[0] if s.get(key) is not None])
+        means = []
+        for samples in per:
+            vals = [float(s[key]) for s in samples if s.get(key) is not None]
+            if vals:
+                means.append(sum(vals) / len(vals))
+        return torch.tensor(means)
 
+    always = ("correct", "well_formed", "mementos_correct")  # measurable in every sample: paired
     out: dict = {}
     for mode, per in run.scores.items():
-        keys = [k for k in ("correct", "well_formed", "mementos_correct", "reads_memento", "adds_in_block")
-                if k in per[0][0]]  # fmt: skip
-        row = {k: bootstrap(units(per, k), seed=seed).to_dict() for k in keys}
+        row = {}
+        for k in (*always, "reads_memento", "adds_in_block"):
+            if k in per[0][0] and len(values := units(per, k)):
+                row[k] = bootstrap(values, seed=seed).to_dict()
         if reference in run.scores and mode != reference:
             ref = run.scores[reference]
             row["vs_" + reference] = {
-                k: paired_difference(units(per, k), units(ref, k), seed=seed).to_dict() for k in keys
+                k: paired_difference(units(per, k), units(ref, k), seed=seed).to_dict()
+                for k in always
+                if k in per[0][0]
             }
         row["samples"] = sum(len(s) for s in per)
         row["mean_tokens"] = run.tokens[mode] / max(1, row["samples"])

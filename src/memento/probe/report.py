@@ -151,13 +151,14 @@ def render_markdown(report: dict) -> str:
                     f"{100 * (real['mean'] - ctrl['mean']):+.1f} pp | {100 * real['train']:.1f}% | {100 * ctrl['train']:.1f}% |"
                 )
     lines += ["", "## Over training (+1 block, last layer; task accuracy sampled in memento mode)", "",
-              "| stage-2 step | passcode masked | digits masked | task accuracy | mementos correct |",
-              "|---|---|---|---|---|"]  # fmt: skip
+              "| stage-2 step | passcode masked | digits masked | task accuracy | well-formed | mementos correct | reads the memento |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in report["ablation"]["curve"]:
         cond = "memento" if row["step"] == s["stage2_steps"] else f"step-{row['step']}"
         lines.append(
             f"| {row['step']} | {pct(cell(res, 'passcode', 'mlp', cond, 1, last))} | "
-            f"{pct(cell(res, 'digits', 'mlp', cond, 1, last))} | {pct(row['correct'])} | {pct(row['mementos_correct'])} |"
+            f"{pct(cell(res, 'digits', 'mlp', cond, 1, last))} | {pct(row['correct'])} | {pct(row['well_formed'])} | "
+            f"{pct(row['mementos_correct'])} | {pct(row.get('reads_memento'))} |"
         )
     pt = report["patching"]
     lines += ["", f"## Use: patching block {s['target']}'s memento KV from A into B ({pt['pairs']} pairs, same memento text)",
@@ -254,12 +255,15 @@ def write_figures(out: Path, report: dict) -> dict[str, str]:
             ]
             ax.errorbar(xs, ys, yerr=err, color=color, marker="o", ms=3, lw=1.2, capsize=2, label=name)
         baselines(ax, label)
+        ax.plot([0, layers - 1], [100 * PAPER["toy_masked_first_layer"], 100 * PAPER["toy_masked_last_layer"]],
+                "kx", ms=7, label="paper's toy, masked (first / last layer)")  # fmt: skip
+        ax.set_ylim(0, 40)
         ax.set_title(f"{label}: one block past the target, per layer")
         ax.set_xlabel("layer")
         ax.set_ylabel("probe accuracy per digit (%)")
         ax.set_xticks(range(layers))
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, frameon=False)
+    axes[1].legend(fontsize=6, frameon=False, ncol=2, loc="upper left")
     fig.tight_layout()
     fig.savefig(out / "fig_layers.png")
     plt.close(fig)
@@ -287,12 +291,15 @@ def write_figures(out: Path, report: dict) -> dict[str, str]:
                         yerr=[[100 * (c["mean"] - c["low"]) for c in m1], [100 * (c["high"] - c["mean"]) for c in m1]],
                         color="#ff7f0e", marker="s", ms=3, lw=1.2, capsize=2, label="causal control (M1)")  # fmt: skip
         baselines(ax, label)
+        paper = [(1, PAPER["toy_masked_plus1"]), (2, PAPER["toy_masked_plus2"]),
+                 (7, 0.1 * PAPER["toy_masked_plus7_over_chance"])]  # fmt: skip
+        ax.plot([d for d, _ in paper], [100 * v for _, v in paper], "kx", ms=7, label="paper's toy, masked")
         ax.set_title(f"{label}: last layer, per distance from block {target}")
         ax.set_xlabel("blocks after the target (negative: before)")
         ax.set_ylabel("probe accuracy per digit (%)")
-        ax.set_ylim(0, 105)
+        ax.set_ylim(0, 45)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, frameon=False)
+    axes[1].legend(fontsize=6, frameon=False, ncol=2, loc="upper left")
     fig.tight_layout()
     fig.savefig(out / "fig_distance.png")
     plt.close(fig)
