@@ -309,14 +309,35 @@ def write_figures(out: Path, report: dict) -> dict[str, str]:
     steps = [row["step"] for row in curve]
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
     for label, color in (("passcode", "#d62728"), ("digits", "#ff7f0e")):
-        ys = []
-        for step in steps:
-            cond = "memento" if step == report["settings"]["stage2_steps"] else f"step-{step}"
-            c = cell(res, label, "mlp", cond, 1, last)
-            ys.append(100 * c["mean"] if c else float("nan"))
-        ax.plot(steps, ys, "o-", color=color, label=f"masked probe, {label} (+1, last layer)")
+        cells = [
+            cell(
+                res,
+                label,
+                "mlp",
+                "memento" if step == report["settings"]["stage2_steps"] else f"step-{step}",
+                1,
+                last,
+            )
+            for step in steps
+        ]
+        ys = [100 * c["mean"] if c else float("nan") for c in cells]
+        err = [
+            [100 * (c["mean"] - c["low"]) if c else 0 for c in cells],
+            [100 * (c["high"] - c["mean"]) if c else 0 for c in cells],
+        ]
+        ax.errorbar(
+            steps,
+            ys,
+            yerr=err,
+            fmt="o-",
+            color=color,
+            capsize=2,
+            label=f"masked probe, {label} (+1, last layer)",
+        )
     ax.axhline(10, color="k", ls=":", lw=1)
     ax.axhline(100 * report["baselines"]["text_given_total"], color="k", ls="--", lw=1)
+    ax.plot([steps[-1]], [100 * 0.18], "kx", ms=7, label="paper's toy: flat 17-19%")
+    ax.set_ylim(0, 30)
     ax.set_xlabel("stage-2 step (0 = end of stage 1)")
     ax.set_ylabel("probe accuracy (%)")
     ax2 = ax.twinx()
