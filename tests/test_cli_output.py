@@ -76,6 +76,7 @@ def test_json_is_json_for_every_command(inputs, toy_model_dir, tmp_path):
         ],
         "demo": ["demo", "--smoke", "--out", out / "d"],
         "rl": ["rl", "--model", model, "--prompts", inputs["bench"], "--output-dir", out / "r", *TINY_RL],
+        "probe": ["probe", "--quick", "--out", out / "p"],
     }
     for command, args in commands.items():
         stdout, _ = _run(*args, "--json")
