@@ -452,7 +452,7 @@ ROWS: list[Row] = [
     R("train", "--masking-config not JSON", "train --model {model} --data {traces} --output-dir {out} --stage memento --masking-config '{{x'", 2, "--masking-config"),
     R("train", "--masking-config a list", "train --model {model} --data {traces} --output-dir {out} --stage memento --masking-config '[1]'", 2, "--masking-config must be a JSON object"),
     R("train", "--masking-config unknown key", "train --model {model} --data {traces} --output-dir {out} --stage memento --masking-config '{{\"keep\": 1}}'", 2, "unknown block-masking option"),
-    R("train", "--masking-config restart_mode", "train --model {model} --data {traces} --output-dir {out} --stage memento --masking-config '{{\"restart_mode\": true}}'", 2, "restart_mode"),
+    R("train", "--masking-config restart_mode, stage full", "train --model {model} --data {traces} --output-dir {out} --stage full --masking-config '{{\"restart_mode\": true}}'", 2, "restart_mode"),
     R("train", "--max-length 0", "train --model {model} --data {traces} --output-dir {out} --max-length 0", 2, "max_length"),
     R("train", "--batch-size 0", "train --model {model} --data {traces} --output-dir {out} --batch-size 0", 2, "batch_size"),
     R("train", "--grad-accum 0", "train --model {model} --data {traces} --output-dir {out} --grad-accum 0", 2, "grad_accum"),
