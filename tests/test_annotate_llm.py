@@ -397,4 +397,7 @@ def test_full_run_with_openai_backend(fake, tmp_path):
     assert summary.stats["judge_pass_rate"] == 1.0
     # the compressor's own mementos all scored 5 (< 8): 0% first pass, 100% after one refinement
     assert summary.stats["judge_first_pass_rate"] == 0.0
-    assert [r for r, _ in fake.requests].count("compress_trace") == 2  # one compressor call per trace
+    # one answered compressor call per trace (a request that drew the 500 was retried: the order of
+    # requests from two workers varies, so which role draws it does too)
+    answered = [role for n, (role, _) in enumerate(fake.requests) if n % 7 != 3]
+    assert answered.count("compress_trace") == 2
