@@ -52,7 +52,12 @@ def _ids(path: Path) -> list[str]:
 
 def _start(inp: Path, out: Path, *extra: str) -> subprocess.Popen:
     args = [*MEMENTO, "annotate", str(inp), "-o", str(out), "--tokenizer", "regex", "--no-progress", *extra]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A job started in the background inherits SIGINT ignored (and Python then never raises
+    # KeyboardInterrupt): give the child the default so the test's Ctrl-C reaches it wherever pytest runs.
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
 
 
 def _wait_for_records(proc: subprocess.Popen, records: Path, at_least: int, timeout: float = 120) -> int:

@@ -63,7 +63,9 @@ def test_serve_command_end_to_end(toy_model_dir):
     memento = str(Path(sys.executable).parent / "memento")  # the console script of this venv
     cmd = [memento, "serve", str(toy_model_dir), "--port", "0", "--threads", "1"]
     cmd += ["--kv-budget-tokens", "300", "--served-model-name", "toy", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT at its default in the child even when pytest runs as a background job (which ignores it)
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
     try:
         line = proc.stderr.readline()
         match = re.search(r"http://(127\.0\.0\.1):(\d+)", line)
