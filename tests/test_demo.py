@@ -70,8 +70,8 @@ def _without_timings(value):
         return {
             k: _without_timings(v)
             for k, v in value.items()
-            if k not in ("seconds", "train_seconds", "tokens_per_s", "wall_seconds", "timings_s",
-                         "total_seconds", "plots")
+            if k not in ("seconds", "cpu_seconds", "train_seconds", "tokens_per_s", "wall_seconds", "timings_s",
+                         "total_seconds", "cpu_timings_s", "total_cpu_seconds", "machine", "plots")
         }  # fmt: skip
     if isinstance(value, list):
         return [_without_timings(v) for v in value]

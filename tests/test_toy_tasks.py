@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -110,6 +111,17 @@ def test_chain_length_range_is_respected():
     task = ChainTask(max_steps=16)
     ns = {p.n for p in task.problems(300, seed=0, min_steps=12)}
     assert ns <= set(range(12, 17)) and len(ns) > 1
+
+
+def test_chain_length_weights():
+    task = ChainTask(digits=2, block_steps=2, max_steps=6)
+    only_long = task.problems(200, seed=0, min_steps=1, max_steps=6, weights=[0, 0, 0, 0, 1, 3])
+    counts = Counter(p.n for p in only_long)
+    assert set(counts) == {5, 6} and counts[6] > 2 * counts[5]
+    assert task.problems(50, seed=3, weights=[1] * 6) == task.problems(50, seed=3, weights=[1] * 6)
+    for bad in ([1, 1], [0] * 6, [1, 1, 1, 1, 1, -1]):
+        with pytest.raises(ValueError, match="weights"):
+            task.problems(5, seed=0, weights=bad)
 
 
 def test_probe_trace_running_sums():

@@ -17,7 +17,7 @@ torch threads, so a seed gives the same numbers on every run.
                                           ui=runner.ui)),
         Stage("probe", lambda: my_probe(out), threads=True),
     ])
-    results["stage1"]["steps"]  # 200; every stage's dict also gets "seconds" (and "threads")
+    results["stage1"]["steps"]  # 200; every stage's dict also gets "seconds", "cpu_seconds" (and "threads")
 
 `train_run` (in `memento.toy.training`) is the step-budgeted training helper the stages use.
 """
@@ -130,7 +130,7 @@ class StageRunner:
                 results[stage.name] = previous
                 continue
             self.ui.log(f"[bold cyan]▶ {stage.name}[/bold cyan]")
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             if stage.threads:
                 with cpu_threads(self.threads, self.ui):
                     result = stage.fn()
@@ -138,6 +138,8 @@ class StageRunner:
             else:
                 result = stage.fn()
             result["seconds"] = round(time.perf_counter() - t0, 2)
+            # CPU time of this process: about what the stage takes on an otherwise idle machine.
+            result["cpu_seconds"] = round(time.process_time() - cpu0, 2)
             results[stage.name] = self.finish(stage.name, result)
         return results
 

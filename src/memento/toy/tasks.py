@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memento.format import Block, MementoTrace
@@ -177,14 +178,23 @@ class ChainTask:
         split: str = TRAIN,
         min_steps: int | None = None,
         max_steps: int | None = None,
+        weights: Sequence[float] | None = None,
     ) -> ChainProblem:
+        """One problem of `split`; `n` uniform in min..max steps, or drawn with `weights` (one
+        relative weight per n in min..max)."""
         _check_split(split)
         lo = self.min_steps if min_steps is None else min_steps
         hi = self.max_steps if max_steps is None else max_steps
         if not 1 <= lo <= hi <= 99:
             raise ValueError(f"need 1 <= min_steps <= max_steps <= 99, got {lo}..{hi}")
+        if weights is not None and (len(weights) != hi - lo + 1 or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(
+                f"weights must be {hi - lo + 1} non-negative numbers (n = {lo}..{hi}), not all 0"
+            )
         while True:
-            p = ChainProblem(rng.randrange(self.modulus), rng.randrange(1, self.modulus), rng.randint(lo, hi))
+            x0, b = rng.randrange(self.modulus), rng.randrange(1, self.modulus)
+            n = rng.randint(lo, hi) if weights is None else rng.choices(range(lo, hi + 1), weights)[0]
+            p = ChainProblem(x0, b, n)
             if self.split_of(p) == split:
                 return p
 
@@ -196,14 +206,15 @@ class ChainTask:
         seed: int = 0,
         min_steps: int | None = None,
         max_steps: int | None = None,
+        weights: Sequence[float] | None = None,
     ) -> list[ChainProblem]:
         """`count` problems of one split, deterministic for a given seed (repeats allowed in train,
-        not in test)."""
+        not in test); `weights` as in `sample`."""
         rng = random.Random(f"chain-{split}-{seed}")
         out: list[ChainProblem] = []
         seen: set[ChainProblem] = set()
         while len(out) < count:
-            p = self.sample(rng, split, min_steps, max_steps)
+            p = self.sample(rng, split, min_steps, max_steps, weights)
             if split == TEST:
                 if p in seen:
                     continue

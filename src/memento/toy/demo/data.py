@@ -40,7 +40,8 @@ def stage_data(cfg: DemoConfig, ui: Ui) -> dict:
         seed=cfg.seed,
     )
     save_toy_model(paths.init, tokenizer, model)
-    train = task.problems(s.n_train, split=TRAIN, seed=cfg.seed)
+    weights = s.train_weights if s.long_share else None  # None: uniform, as drawn before long_share
+    train = task.problems(s.n_train, split=TRAIN, seed=cfg.seed, weights=weights)
     test = task.problems(
         s.n_test, split=TEST, seed=cfg.seed, min_steps=s.test_min_steps, max_steps=s.test_max_steps
     )
@@ -48,9 +49,10 @@ def stage_data(cfg: DemoConfig, ui: Ui) -> dict:
     write_traces(paths.train, task.traces(train))
     write_test(paths.test, test)
     params = sum(p.numel() for p in model.parameters())
+    long = f", {s.long_share:.0%} drawn from n={s.test_min_steps}..{s.test_max_steps}" if s.long_share else ""
     ui.log(
         f"  tokenizer {len(tokenizer)} tokens · model {params / 1e6:.2f}M params "
-        f"({s.layers} layers, d={s.hidden}) · {len(train)} train traces (n=1..{s.max_steps}, "
+        f"({s.layers} layers, d={s.hidden}) · {len(train)} train traces (n=1..{s.max_steps}{long}, "
         f"{s.block_steps} steps per block) · {len(test)} held-out problems "
         f"(n={s.test_min_steps}..{s.test_max_steps})"
     )

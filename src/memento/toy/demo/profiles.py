@@ -47,6 +47,19 @@ class Profile:
     eval_batch: int = 32
     max_new: int = 0  # 0 = derived from the longest held-out solution
     digits: int = 3
+    # Share of the training problems drawn from the held-out lengths (test_min..test_max steps);
+    # the rest have n uniform in 1..max_steps. Countdown labels >= 10 exist only in long chains.
+    long_share: float = 0.0
+
+    @property
+    def train_weights(self) -> list[float]:
+        """Relative weight of each n = 1..max_steps among the training problems."""
+        test_lengths = range(self.test_min_steps, self.test_max_steps + 1)
+        return [
+            (1 - self.long_share) / self.max_steps
+            + (self.long_share / len(test_lengths) if n in test_lengths else 0)
+            for n in range(1, self.max_steps + 1)
+        ]
 
     @property
     def task(self) -> ChainTask:
@@ -84,7 +97,7 @@ PROFILES: dict[str, Profile] = {
     "default": Profile(
         "default", digits=2, block_steps=2, max_steps=12, test_min_steps=10, test_max_steps=12,
         n_train=12000, n_test=200, layers=4, hidden=128, heads=4, kv_heads=2,
-        base_steps=800, stage1_steps=300, stage2_steps=430,
+        base_steps=800, stage1_steps=300, stage2_steps=430, long_share=0.5,
     ),
     "quick": Profile(
         "quick", digits=2, block_steps=2, max_steps=12, test_min_steps=10, test_max_steps=12,

@@ -4,6 +4,7 @@ DIR/report.json and DIR/report.md, and the plots (kv_curve.png: the sawtooth; ba
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ def stage_report(cfg: DemoConfig, ui: Ui, runner: StageRunner) -> dict:
         )
         modes[m]["auc_kv_reduction"] = control["auc_kv"] / modes[m]["auc_kv"] if modes[m]["auc_kv"] else None
     timings = {name: (runner.done(name) or {}).get("seconds") for name in STAGES if name != "report"}
+    cpu = {name: (runner.done(name) or {}).get("cpu_seconds") for name in STAGES if name != "report"}
     train_info = {name: runner.done(name) for name in RUNS}
     plots = write_plots(cfg.out, records, modes)
     report = {
@@ -67,6 +69,10 @@ def stage_report(cfg: DemoConfig, ui: Ui, runner: StageRunner) -> dict:
         "training": train_info,
         "timings_s": timings,
         "total_seconds": round(sum(t for t in timings.values() if t), 1),
+        # CPU time is what the run takes on an idle machine; wall time grows with other jobs' load.
+        "cpu_timings_s": cpu,
+        "total_cpu_seconds": round(sum(t for t in cpu.values() if t), 1),
+        "machine": {"cpus": os.cpu_count(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]},
         "plots": plots,
         "models": {"memento": "model-memento", "control": "model-control"},
     }
@@ -144,7 +150,13 @@ def render_markdown(report: dict) -> str:
             lines.append(
                 f"| {name} | {info['steps']} | {info['train_seconds']} | {info['tokens_per_s']:,.0f} | {loss} |"
             )
-    lines += ["", f"Stage timings (s): {report['timings_s']}; total {report['total_seconds']} s.", ""]
+    lines += [
+        "",
+        f"Stage timings (s): {report['timings_s']}; total {report['total_seconds']} s wall, "
+        f"{report['total_cpu_seconds']} s CPU; load average at the end {report['machine']['load_avg_1_5_15']} "
+        f"on {report['machine']['cpus']} CPUs.",
+        "",
+    ]
     lines += ["## Examples", ""]
     for m in MODES:
         for ex in report["modes"][m]["examples"][:1]:
