@@ -116,3 +116,12 @@ def test_well_formed_rules():
     assert not well_formed("<think>\n<|block_start|>a</think>\n\nx=1", "memento", "stop")
     assert well_formed("<think>\nsteps\n</think>\n\nx=123", "control", "stop")
     assert not well_formed("<think>\nsteps\n</think>\n\n", "control", "stop")
+
+
+def test_training_lengths_lean_on_the_held_out_lengths():
+    for profile in PROFILES.values():
+        weights = profile.train_weights
+        assert len(weights) == profile.max_steps and abs(sum(weights) - 1) < 1e-9
+        held_out = sum(weights[n - 1] for n in range(profile.test_min_steps, profile.test_max_steps + 1))
+        uniform = (profile.test_max_steps - profile.test_min_steps + 1) / profile.max_steps
+        assert abs(held_out - (profile.long_share + (1 - profile.long_share) * uniform)) < 1e-9
