@@ -11,8 +11,9 @@ DIR/stages/, so a re-run resumes after the last finished one):
     eval      demo/evaluate.py  engine: control in full mode, MEMENTO in memento and restart modes
     report    demo/report.py    table, report.json / report.md, plots
 
-Sizes and step budgets per profile: demo/profiles.py. The models end up in DIR/model-control/ and
-DIR/model-memento/ as ordinary HF directories. Another study can reuse some of these stages with
+Sizes and step budgets per profile: demo/profiles.py. Checking runs afterwards: demo/repeat.py
+(two runs, same numbers?) and demo/seeds.py (several seeds: each, mean, spread). The models end
+up in DIR/model-control/ and DIR/model-memento/ as ordinary HF directories. Another study can reuse some of these stages with
 budgets of its own, e.g. an under-trained MEMENTO model to start RL from:
 
     from dataclasses import replace
