@@ -13,7 +13,7 @@ def demo_command(
         Path("memento-demo"), "--out", help="Directory for data, models, report and plots."
     ),
     quick: bool = typer.Option(
-        False, "--quick", help="A smaller, shorter run (about 5 minutes on 2 CPU cores)."
+        False, "--quick", help="The task with one-digit numbers and shorter training (about 5 CPU minutes)."
     ),
     scale: float = typer.Option(
         1.0, "--scale", help="Multiply every training run's optimizer steps (2 = train twice as long)."
