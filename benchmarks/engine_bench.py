@@ -1,5 +1,5 @@
-"""Engine benchmarks (not unit tests): decode speed vs HF `generate`, MEMENTO vs full attention under
-one KV budget (teacher-forced replay of block-structured streams), and the cost of one eviction.
+"""Engine benchmarks (not unit tests): decode speed vs HF `generate` and the cost of one eviction.
+MEMENTO vs full attention under one KV budget is `serving_bench.py` (Fig. 8, beside vLLM).
 
     .venv/bin/python benchmarks/engine_bench.py --threads 1 --repeats 5 --out benchmarks/results/engine_bench.json
 
@@ -29,7 +29,6 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from memento.engine import Engine, SamplingParams
-from memento.masking import BlockMaskingConfig
 from memento.tokens import MarkerIds
 from memento.toy import build_tokenizer
 
@@ -128,66 +127,7 @@ def bench_decode(model, tokenizer, batch: int, prompt_len: int, new_tokens: int,
     }
 
 
-# --- 2. memento vs full under one KV budget (replay) ------------------------------------------
-
-
-def block_streams(tokenizer, count: int, blocks: int, block_len: int, memento_len: int, seed: int = 0):
-    markers = MarkerIds.from_tokenizer(tokenizer)
-    vocab = words(tokenizer, markers)
-    think = tokenizer.convert_tokens_to_ids("<think>")
-    think_end = tokenizer.convert_tokens_to_ids("</think>")
-    rng = random.Random(seed)
-    prompts, outputs = [], []
-    for i in range(count):
-        out = [think]
-        for _ in range(rng.randint(blocks - 2, blocks + 2)):
-            out += [markers.block_start] + rng.choices(
-                vocab, k=rng.randint(block_len // 2, 3 * block_len // 2)
-            )
-            out += (
-                [markers.block_end, markers.summary_start]
-                + rng.choices(vocab, k=memento_len)
-                + [markers.summary_end]
-            )
-        out += [think_end] + rng.choices(vocab, k=20)
-        prompts.append(header(tokenizer, i))
-        outputs.append(out)
-    return prompts, outputs
-
-
-def bench_replay(model, tokenizer, prompts, outputs, budget: int, max_batch: int) -> list[dict]:
-    rows = []
-    for mode in ("full", "memento"):
-        engine = Engine(
-            model,
-            tokenizer,
-            mode=mode,
-            masking=BlockMaskingConfig(),
-            kv_budget_tokens=budget,
-            max_batch_size=max_batch,
-        )
-        engine.replay(prompts[:2], [o[:50] for o in outputs[:2]])  # warm-up
-        outs = engine.replay(prompts, outputs)
-        run = engine.last_run
-        rows.append(
-            {
-                "mode": mode,
-                "requests": len(outs),
-                "kv_budget_tokens": budget,
-                "seconds": round(run["seconds"], 2),
-                "generated_tokens": run["generated_tokens"],
-                "tokens_per_s": round(run["generated_tokens"] / run["seconds"], 1),
-                "decode_steps": run["steps"],
-                "mean_peak_kv_per_request": round(statistics.mean(o.peak_kv for o in outs), 1),
-                "mean_auc_kv_per_request": round(statistics.mean(o.auc_kv for o in outs)),
-                "peak_total_kv": run["peak_total_kv"],
-                "preemptions": run["preemptions"],
-            }
-        )
-    return rows
-
-
-# --- 3. cost of one eviction --------------------------------------------------------------------
+# --- 2. cost of one eviction --------------------------------------------------------------------
 
 
 @torch.inference_mode()
@@ -249,7 +189,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    ap.add_argument("--only", default="decode,replay,eviction", help="comma-separated parts to run")
+    ap.add_argument("--only", default="decode,eviction", help="comma-separated parts to run")
     ap.add_argument("--repeats", type=int, default=3, help="decode: alternating runs per side (median)")
     ap.add_argument("--cases", default=None, help="decode cases as batch:prompt:new,... (default: 4 cases)")
     ap.add_argument("--out", type=Path, default=None)
@@ -279,8 +219,6 @@ def main() -> None:
             for b, p, n in cases
         ]
         print(json.dumps(result["decode"], indent=1), flush=True)
-    if "replay" in parts:
-        bench_replay_part(result, model, tokenizer, quick)
     if "eviction" in parts:
         result["eviction"] = [
             bench_eviction(model, tokenizer, cached, span=500, tail=60, repeats=5 if quick else 20)
@@ -291,20 +229,6 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
-
-
-def bench_replay_part(result: dict, model, tokenizer, quick: bool) -> None:
-    count, blocks = (8, 6) if quick else (16, 16)
-    prompts, outputs = block_streams(tokenizer, count, blocks=blocks, block_len=80, memento_len=12)
-    budget = 1500 if quick else 5000
-    result["replay"] = bench_replay(model, tokenizer, prompts, outputs, budget=budget, max_batch=16)
-    full, mem = result["replay"]
-    result["replay_summary"] = {
-        "throughput_gain": round(mem["tokens_per_s"] / full["tokens_per_s"], 2),
-        "completion_time_ratio": round(full["seconds"] / mem["seconds"], 2),
-        "peak_kv_reduction": round(full["mean_peak_kv_per_request"] / mem["mean_peak_kv_per_request"], 2),
-    }
-    print(json.dumps(result["replay"], indent=1), json.dumps(result["replay_summary"]), flush=True)
 
 
 if __name__ == "__main__":
