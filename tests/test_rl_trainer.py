@@ -189,3 +189,30 @@ def test_a_run_stopped_before_its_first_checkpoint_does_not_block_the_rerun(
     Path(cfg.output_dir).mkdir(parents=True)
     (Path(cfg.output_dir) / "rl_config.json").write_text(json.dumps(cfg.to_dict()))
     RLTrainer(cfg)  # accepted: no checkpoint there
+
+
+def never_right(response: str, answer: str) -> float:
+    return 0.0
+
+
+def even_digits(response: str, problem: str) -> list[tuple[int, int, float]]:
+    return [(i, i + 1, float(int(c) % 2 == 0)) for i, c in enumerate(response) if c.isdigit()]
+
+
+def test_a_step_reward_gives_a_gradient_where_the_answers_give_none(sft_model, prompt_files, tmp_path):
+    plain = config(
+        sft_model, prompt_files, tmp_path / "a", reward="test_rl_trainer:never_right", format_reward=0.0
+    )
+    trainer = RLTrainer(plain)
+    trainer._load()
+    record = trainer.train_step(1)
+    assert record["loss_tokens"] == 0 and record["steps_right"] is None  # every group's rewards are equal
+    stepped = replace(plain, output_dir=str(tmp_path / "b"), step_reward="test_rl_trainer:even_digits")
+    trainer = RLTrainer(stepped)
+    trainer._load()
+    rollouts = trainer.rollouts(1)
+    r = next(r for r in rollouts if 0.0 < (r.steps_right or 0.0) < 1.0)
+    digit = next(i for i, t in enumerate(r.output_ids) if trainer.tokenizer.decode([t]) in "13579")
+    assert r.token_advantages[digit] < 0  # an odd digit is pushed down
+    record = trainer.train_step(1)
+    assert record["loss_tokens"] > 0 and record["grad_norm"] > 0 and 0 < record["steps_right"] < 1

@@ -188,3 +188,40 @@ def test_worked_probe_blocks_show_the_running_total_and_read_back():
         assert [task.read_block(x.reasoning) for x in trace.blocks] == [list(d) for d in p.digits]
     assert worked.read_block("1 2 3 4 5") is None and plain.read_block(first[0]) is None
     assert plain.read_block("1 2 3 4") is None and plain.read_block("1 2 3 4 5 passcode 12") is None
+
+
+def test_chain_prompt_parses_back():
+    task = ChainTask(digits=2)
+    p = ChainProblem(29, 25, 12)
+    assert task.parse_prompt(task.prompt(p)) == p
+    assert task.parse_prompt("what is 2+2?") is None
+    assert task.parse_prompt("n=12 x=9 b=52") is None  # x with the wrong number of digits
+
+
+def test_chain_step_spans_put_each_slip_where_it_was_made():
+    task = ChainTask(digits=2, block_steps=2)
+    p = ChainProblem(29, 25, 12)
+    text = task.trace(p).render()
+    spans = task.step_spans(p, text)
+    # per step: header, 2 x (operands, sum), new x; then a memento per block and the answer
+    assert len(spans) == 12 * 6 + 6 + 1
+    assert all(credit == 1.0 for _, _, credit in spans)
+    assert text[spans[-1][0] : spans[-1][1]] == "x=92"
+
+    def wrong(t: str) -> list[str]:
+        return [t[a:b] for a, b, credit in task.step_spans(p, t) if credit == 0.0]
+
+    # a wrong sum: that sum and the new x it feeds are wrong; the next step copies the x as written
+    assert wrong(text.replace("2+2+1=05", "2+2+1=06", 1)) == ["=06", "x=45"]
+    # a header that does not copy the previous step's x is wrong (and the column that then does not
+    # copy that header), and so is a wrong b
+    assert wrong(text.replace("11 x=45 b=52", "11 x=46 b=52", 1)) == ["11 x=46 b=52", "5+2+0"]
+    assert wrong(text.replace("b=52", "b=53"))[0] == "12 x=92 b=53"
+    # a memento that says no steps are left after the first block; the answer after it copies it
+    early = text.replace("<|summary_start|>10 x=97", "<|summary_start|>00 x=97", 1)
+    assert wrong(early) == ["00 x=97 b=52"]
+    stopped = early[: early.index("<|summary_end|>") + len("<|summary_end|>")] + "\n\n</think>\n\nx=97"
+    assert wrong(stopped) == ["00 x=97 b=52"]
+    # an answer that is not the last memento's x
+    assert wrong(text[: -len("x=92")] + "x=93") == ["x=93"]
+    assert task.step_spans(p, "no steps here") == []

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from memento.format import Block, MementoTrace
+from memento.format import SUMMARY_END, SUMMARY_START, THINK_END, Block, MementoTrace
 
 TRAIN, TEST = "train", "test"
 SPLITS = (TRAIN, TEST)
@@ -162,6 +163,59 @@ class ChainTask:
         k, x, b = state
         return f"x={lsb((x + k * b) % self.modulus, self.digits)}"
 
+    def parse_prompt(self, text: str) -> ChainProblem | None:
+        """The problem back from `prompt(p)` (None if `text` is not one of this task's prompts)."""
+        parts = text.strip().split()
+        if len(parts) < 3 or not parts[-3].startswith("n=") or not parts[-3][2:].isdigit():
+            return None
+        try:
+            x0, b = _field(parts[-2], "x=", self.digits), _field(parts[-1], "b=", self.digits)
+        except ValueError:
+            return None
+        return ChainProblem(x0, b, int(parts[-3][2:]))
+
+    def step_spans(self, p: ChainProblem, response: str) -> list[tuple[int, int, float]]:
+        """Each checkable piece of `response` as (start, end, 1.0 right / 0.0 wrong), judged
+        against what the response itself wrote just before it. Per step line: the header
+        (countdown label one below the previous one and >= 1, x as the previous step wrote it, the
+        gold b), each column's operands (copied from the header, the carry from the column before)
+        and its sum, and the new x (the sums' units digits). Per memento: the state after the
+        step before it (label - 1, that step's x, b). The answer: the last memento's x, after a
+        memento that says no steps are left. Why: a per-step reward for RL that puts each slip on
+        the tokens that made it, where the exact answer only says that something went wrong."""
+        d, spans, gold_b = self.digits, [], lsb(p.b, self.digits)
+        x, label = lsb(p.x0, d), p.n  # what the next step must start from
+        last_memento: tuple[int, str] | None = None
+        pieces = sorted(
+            [*_STEP_LINE.finditer(response), *_MEMENTO.finditer(response)], key=lambda m: m.start()
+        )
+        for m in pieces:
+            k, xs, bs = int(m["k"]), m["x"], m["b"]
+            if m.re is _MEMENTO:
+                ok = (k, xs, bs) == (label, x, gold_b)
+                spans.append((m.start("k"), m.end("b"), float(ok)))
+                last_memento = (k, xs)
+                continue
+            head_ok = k == label >= 1 and xs == x and bs == gold_b
+            spans.append((m.start("k"), m.end("b"), float(head_ok)))
+            carry, units = 0, ""
+            for j, col in enumerate(_COLUMN.finditer(m["cols"])):
+                a, b, c, total = int(col["a"]), int(col["b"]), int(col["c"]), col["s"]
+                copied = j < len(xs) and j < len(bs) and (a, b, c) == (int(xs[j]), int(bs[j]), carry)
+                base = m.start("cols")
+                spans.append((base + col.start(), base + col.start("s") - 1, float(copied)))
+                spans.append((base + col.start("s") - 1, base + col.end(), float(int(total) == a + b + c)))
+                carry, units = int(total[0]), units + total[1]
+            spans.append((m.start("out") - 2, m.end("out"), float(m["out"] == units)))
+            x, label = m["out"], k - 1
+        head, sep, tail = response.rpartition(THINK_END)
+        if sep and tail.strip():
+            start = len(head) + len(sep) + (len(tail) - len(tail.lstrip()))
+            end = len(response) - (len(tail) - len(tail.rstrip()))
+            ok = last_memento is not None and last_memento[0] == 0 and tail.strip() == f"x={last_memento[1]}"
+            spans.append((start, end, float(ok)))
+        return spans
+
     def is_correct(self, p: ChainProblem, answer_text: str) -> bool:
         """Exact match of the answer (surrounding whitespace and an end-of-text token ignored)."""
         return _clean_answer(answer_text) == self.answer(p)
@@ -224,6 +278,13 @@ class ChainTask:
 
     def traces(self, problems: list[ChainProblem]) -> list[MementoTrace]:
         return [self.trace(p) for p in problems]
+
+
+_STEP_LINE = re.compile(r"(?P<k>\d+) x=(?P<x>\d+) b=(?P<b>\d+)(?P<cols>(?: \d\+\d\+\d=\d\d)+) x=(?P<out>\d+)")
+_MEMENTO = re.compile(
+    re.escape(SUMMARY_START) + r"(?P<k>\d+) x=(?P<x>\d+) b=(?P<b>\d+)" + re.escape(SUMMARY_END)
+)
+_COLUMN = re.compile(r"(?P<a>\d)\+(?P<b>\d)\+(?P<c>\d)=(?P<s>\d\d)")
 
 
 def _field(token: str, prefix: str, digits: int) -> int:

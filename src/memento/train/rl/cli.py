@@ -33,6 +33,10 @@ def rl_command(
     format_reward: float = typer.Option(
         None, "--format-reward", help="Bonus for a well-formed response [0]."
     ),
+    step_reward: str = typer.Option(
+        None, "--step-reward", help="Per-step credit MODULE:FUNCTION -> [(start, end, credit)] [none]."
+    ),
+    step_weight: float = typer.Option(None, "--step-weight", help="Weight of --step-reward [1]."),
     system_prompt: str = typer.Option(None, "--system-prompt", help="System prompt (none by default)."),
     group_size: int = typer.Option(None, "--group-size", help="Responses per prompt [8]."),
     prompts_per_step: int = typer.Option(None, "--prompts-per-step", help="Prompts per step [32]."),
@@ -109,6 +113,8 @@ def rl_command(
         "eval_every": eval_every,
         "reward": reward,
         "format_reward": format_reward,
+        "step_reward": step_reward,
+        "step_weight": step_weight,
         "system_prompt": system_prompt,
         "group_size": group_size,
         "prompts_per_step": prompts_per_step,

@@ -36,6 +36,8 @@ class RLConfig:
     eval_limit: int | None = None
     reward: str = "math"
     format_reward: float = 0.0
+    step_reward: str | None = None
+    step_weight: float = 1.0
     system_prompt: str | None = None
     group_size: int = 8
     prompts_per_step: int = 32
@@ -99,7 +101,8 @@ class RLConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        for name in ("beta", "eps_low", "eps_high", "weight_decay", "max_grad_norm", "format_reward"):
+        for name in ("beta", "eps_low", "eps_high", "weight_decay", "max_grad_norm", "format_reward",
+                     "step_weight"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -114,6 +117,8 @@ class RLConfig:
             raise ValueError(f"resume must be 'latest' or a checkpoint path, got {self.resume!r}")
         if not isinstance(self.score_zero_advantage, bool) or not isinstance(self.progress, bool):
             raise ValueError("score_zero_advantage and progress must be true or false")
+        if self.step_reward is not None and (not isinstance(self.step_reward, str) or not self.step_reward):
+            raise ValueError(f"step_reward must be MODULE:FUNCTION, got {self.step_reward!r}")
         for name in ("model", "prompts", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} is required")

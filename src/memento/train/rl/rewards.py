@@ -5,6 +5,11 @@ Built-in answer checks: `exact` (the text after the last `</think>`, stripped, e
 answer), `math` (Math-Verify through `memento.eval.grading`), `choice` (a letter A-D). Any other
 check plugs in as `MODULE:FUNCTION`, a function `(response: str, answer: str) -> float`; a
 response counts as correct when its answer reward is positive.
+
+An optional step reward `MODULE:FUNCTION`, `(response: str, problem: str) -> [(start, end,
+credit), ...]`, judges pieces of the response (character spans, credit in [0, 1]); the trainer
+turns it into per-token advantages (`rollouts.step_advantages`). It never changes what counts as
+correct.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from memento.format import THINK_END, parse
 BUILTIN = ("exact", "math", "choice")
 
 AnswerReward = Callable[[str, str], float]
+StepReward = Callable[[str, str], list[tuple[int, int, float]]]
 
 
 @dataclass(frozen=True)
@@ -61,17 +67,30 @@ def load_answer_reward(spec: str) -> AnswerReward:
     """`exact`, `math`, `choice`, or `MODULE:FUNCTION` (imported; must be callable)."""
     if spec in BUILTIN:
         return {"exact": exact_reward, "math": math_reward, "choice": choice_reward}[spec]
+    return load_function(spec, "--reward", f"one of {', '.join(BUILTIN)} or MODULE:FUNCTION")
+
+
+def load_function(spec: str, flag: str, expected: str = "MODULE:FUNCTION") -> Callable:
+    """Import `MODULE:FUNCTION`; a bad spec is a ValueError naming `flag`."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"--reward must be one of {', '.join(BUILTIN)} or MODULE:FUNCTION, got {spec!r}")
+        raise ValueError(f"{flag} must be {expected}, got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"--reward {spec}: cannot import module {module_name!r}: {exc}") from exc
+        raise ValueError(f"{flag} {spec}: cannot import module {module_name!r}: {exc}") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"--reward {spec}: {module_name} has no function {attr!r}")
+        raise ValueError(f"{flag} {spec}: {module_name} has no function {attr!r}")
     return fn
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, int | float):
+        raise ValueError(f"the {what} returned {value!r}; it must return a number")
+    return float(value)
 
 
 @dataclass
@@ -82,10 +101,28 @@ class RewardModel:
     format_weight: float = 0.0
 
     def __call__(self, response: str, answer: str, finished: bool) -> Verdict:
-        value = self.answer_reward(response, answer)
-        if isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, int | float):
-            raise ValueError(f"the answer reward returned {value!r}; it must return a number")
+        value = _number(self.answer_reward(response, answer), "answer reward")
         ok = well_formed(response, finished)
-        return Verdict(float(value) + (self.format_weight if ok else 0.0), value > 0, ok)
+        return Verdict(value + (self.format_weight if ok else 0.0), value > 0, ok)
+
+
+def judge_steps(fn: StepReward, response: str, problem: str) -> list[tuple[int, int, float]]:
+    """`fn`'s spans, checked: integer bounds inside the response, start < end, credit in [0, 1]."""
+    spans = fn(response, problem)
+    out = []
+    for span in spans:
+        try:
+            start, end, credit = span
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"the step reward returned {span!r}; spans must be (start, end, credit)"
+            ) from None
+        credit = _number(credit, "step reward")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(response)):
+            raise ValueError(
+                f"the step reward returned span {span!r} outside the response (length {len(response)})"
+            )
+        if not 0.0 <= credit <= 1.0:
+            raise ValueError(f"the step reward returned credit {credit!r}; it must be in [0, 1]")
+        out.append((start, end, credit))
+    return out

@@ -32,8 +32,8 @@ import torch
 from memento.train.rl.checkpoint import checkpoints, load_state, resolve_resume, save_checkpoint
 from memento.train.rl.cispo import cispo_loss
 from memento.train.rl.config import RLConfig
-from memento.train.rl.rewards import RewardModel, load_answer_reward
-from memento.train.rl.rollouts import Rollout, collect, group_advantages
+from memento.train.rl.rewards import RewardModel, load_answer_reward, load_function
+from memento.train.rl.rollouts import Rollout, collect, group_advantages, step_advantages
 from memento.train.rl.scoring import build_batch, response_logprobs
 
 RUN_FILE = "rl_config.json"
@@ -107,6 +107,7 @@ class RLTrainer:
             except ValueError as exc:
                 raise ValueError(f"--eval-prompts: {exc}") from exc
         self.reward = RewardModel(load_answer_reward(cfg.reward), cfg.format_reward)
+        self.step_reward = load_function(cfg.step_reward, "--step-reward") if cfg.step_reward else None
         self.resume_from = resolve_resume(cfg.resume, self.output_dir)
         self._check_output_dir()
 
@@ -282,10 +283,16 @@ class RLTrainer:
             for i in range(len(chosen))
         ]
         outputs = self.engine.generate([self.prompt_ids[i] for i in chosen], params)
-        rollouts = collect(self.engine, outputs, [self.problems[i].answer for i in chosen], self.reward)
+        problems = [self.problems[i] for i in chosen]
+        rollouts = collect(
+            self.engine, outputs, [p.answer for p in problems], self.reward,
+            problems=[p.problem for p in problems], step_reward=self.step_reward,
+        )  # fmt: skip
         advantages = group_advantages([r.verdict.reward for r in rollouts], cfg.group_size, cfg.scale_rewards)
         for r, a in zip(rollouts, advantages, strict=True):
             r.advantage = a
+        if self.step_reward is not None:
+            step_advantages(rollouts, cfg.group_size, cfg.step_weight, self.engine.tokenizer)
         return rollouts
 
     def train_step(self, step: int, guard: bool = False) -> dict:
@@ -303,7 +310,7 @@ class RLTrainer:
         # unless score_zero_advantage keeps it for its KL term, it stays out of the loss and is not
         # scored at all, except without gradient for the guard.
         score_all = cfg.beta > 0 and cfg.score_zero_advantage
-        in_loss = lambda r: score_all or r.advantage != 0.0  # noqa: E731
+        in_loss = lambda r: score_all or r.has_gradient  # noqa: E731
         check = GuardStats()
         if guard:
             self._score_into(check, [r for r in rollouts if not in_loss(r)])
@@ -332,7 +339,11 @@ class RLTrainer:
                     with torch.no_grad():
                         ref_logp = response_logprobs(self.ref_model, batch, cfg.temperature, self.ref_swap)
                 mask = torch.stack([_pad(torch.tensor(r.loss_mask), width) for r in micro]).to(logp.device)
-                adv = torch.tensor([r.advantage for r in micro], dtype=logp.dtype, device=logp.device)
+                if self.step_reward is not None:
+                    adv = torch.stack([_pad(torch.tensor(r.token_advantages), width) for r in micro])
+                    adv = adv.to(device=logp.device, dtype=logp.dtype)
+                else:
+                    adv = torch.tensor([r.advantage for r in micro], dtype=logp.dtype, device=logp.device)
                 loss, stats = cispo_loss(
                     logp, old_logp, adv, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                     beta=cfg.beta, ref_logp=ref_logp, num_tokens=normaliser,
@@ -400,7 +411,16 @@ class RLTrainer:
         params = SamplingParams(temperature=0, max_new_tokens=self.cfg.max_new_tokens)
         outputs = self.engine.generate(self.eval_prompt_ids, params)
         answers = [p.answer for p in self.eval_problems]
-        rollouts = collect(self.engine, outputs, answers, self.reward, logprobs=False)
+        texts = [p.problem for p in self.eval_problems]
+        rollouts = collect(
+            self.engine,
+            outputs,
+            answers,
+            self.reward,
+            logprobs=False,
+            problems=texts,
+            step_reward=self.step_reward,
+        )
         record = {"kind": "eval", "step": step, **rollout_summary(rollouts)}
         record["seconds"] = round(time.perf_counter() - t0, 2)
         self.log(
@@ -463,6 +483,7 @@ def rollout_summary(rollouts: list[Rollout]) -> dict:
         "reward": mean([r.verdict.reward for r in rollouts]),
         "accuracy": mean([r.verdict.correct for r in rollouts]),
         "well_formed": mean([r.verdict.well_formed for r in rollouts]),
+        "steps_right": _mean_or_none([r.steps_right for r in rollouts]),
         "length": mean([len(r.output_ids) for r in rollouts]),
         "truncated": mean([r.finish_reason != "stop" for r in rollouts]),
         "evictions": mean([len(r.evictions) for r in rollouts]),
@@ -486,7 +507,7 @@ def step_record(step: int, rollouts: list[Rollout], totals: _Totals, cfg: RLConf
         clip_high=totals.clipped_high / t,
         ratio_mean=totals.ratio / t,
         zero_advantage_groups=sum(
-            all(r.advantage == 0.0 for r in rollouts[i : i + cfg.group_size])
+            all(not r.has_gradient for r in rollouts[i : i + cfg.group_size])
             for i in range(0, len(rollouts), cfg.group_size)
         ),
     )
@@ -497,7 +518,8 @@ def format_step(record: dict, steps: int) -> str:
     kl = "n/a" if record.get("kl") is None else f"{record['kl']:.4f}"
     return (
         f"step {record['step']}/{steps}: reward {record['reward']:.3f} · accuracy {record['accuracy']:.1%} · "
-        f"well-formed {record['well_formed']:.1%} · KL {kl} · clip {record['clip_fraction']:.1%} · "
+        + (f"steps right {record['steps_right']:.1%} · " if record["steps_right"] is not None else "")
+        + f"well-formed {record['well_formed']:.1%} · KL {kl} · clip {record['clip_fraction']:.1%} · "
         f"length {record['length']:.0f} · peak KV {record['peak_kv']:.0f} "
         f"({record['kv_reduction']:.2f}x below full) · {record['seconds']:.1f}s"
     )
@@ -507,6 +529,11 @@ def _chunks(rollouts: list[Rollout], size: int) -> list[list[Rollout]]:
     """Micro-batches of similar lengths (less padding); the order only changes float summation."""
     ordered = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.output_ids))
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def _pad(row: torch.Tensor, width: int) -> torch.Tensor:
