@@ -216,3 +216,12 @@ def test_a_step_reward_gives_a_gradient_where_the_answers_give_none(sft_model, p
     assert r.token_advantages[digit] < 0  # an odd digit is pushed down
     record = trainer.train_step(1)
     assert record["loss_tokens"] > 0 and record["grad_norm"] > 0 and 0 < record["steps_right"] < 1
+
+
+def test_a_checkpoint_from_before_an_option_resumes_at_its_default(tmp_path):
+    cfg = RLConfig(model="m", prompts="p", output_dir=str(tmp_path))
+    saved = cfg.trajectory_settings()
+    old = {k: v for k, v in saved.items() if k not in ("step_reward", "step_weight")}
+    assert cfg.trajectory_diff(old) == []
+    assert replace(cfg, step_weight=2.0).trajectory_diff(old) == ["step_weight"]
+    assert replace(cfg, lr=1e-3).trajectory_diff(saved) == ["lr"]

@@ -9,7 +9,7 @@ MiniMax-M1's choice: no lower bound on the weight (eps_low = 1) and a cap of 1 +
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from memento.masking import BlockMaskingConfig
@@ -136,6 +136,13 @@ class RLConfig:
     def trajectory_settings(self) -> dict[str, Any]:
         """The settings a checkpoint must share with a run that resumes from it."""
         return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
+
+    def trajectory_diff(self, saved: dict[str, Any]) -> list[str]:
+        """Settings in which a checkpoint's `saved` ones differ from this run's. An option the
+        checkpoint does not mention (it predates the option) counts as that option's default."""
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        now = self.trajectory_settings()
+        return sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
 
 
 def _positive_int(cfg: RLConfig, name: str) -> None:

@@ -123,9 +123,7 @@ class RLTrainer:
                 "it or choose another --output-dir"
             )
         if self.resume_from is not None:
-            saved = load_state(self.resume_from)["settings"]
-            now = self.cfg.trajectory_settings()
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            diff = self.cfg.trajectory_diff(load_state(self.resume_from)["settings"])
             if diff:
                 raise ValueError(
                     f"{self.resume_from} was made with other settings ({', '.join(diff)}); resume with the "
