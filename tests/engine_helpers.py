@@ -160,3 +160,29 @@ class LogitsRecorder:
     def __call__(self, seq, logits: torch.Tensor) -> torch.Tensor:
         self.logits.setdefault((seq.prompt_index, seq.sample), {})[seq.pending_position] = logits.clone()
         return logits
+
+
+@torch.no_grad()
+def evicting_decode(model, ids, markers, config):
+    """Token by token with a stock DynamicCache, evicting physically at each trigger (the engine's
+    way, written out): returns the cache, the logical position of each kept slot and every step's logits."""
+    from transformers import DynamicCache
+
+    from memento.hf import remove_span, with_cache
+    from memento.masking import evictions
+
+    cache, slots = DynamicCache(), []
+    evs = evictions(ids, markers, config)
+    logits = []
+    for p, t in enumerate(ids):
+        for ev in (e for e in evs if e.trigger == p):
+            first = sum(1 for s in slots if s < ev.start)
+            last = sum(1 for s in slots if s < ev.end)
+            remove_span(cache, first, last)
+            del slots[first:last]
+        out = model(
+            input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[p]]), **with_cache(model, cache)
+        )
+        logits.append(out.logits[0, -1])
+        slots.append(p)
+    return cache, slots, torch.stack(logits)

@@ -13,6 +13,7 @@ from engine_helpers import (
     LogitsRecorder,
     block_stream,
     dense_logits,
+    evicting_decode,
     header,
     one_thread,  # noqa: F401 (fixture)
     restart_reference_logits,
@@ -20,7 +21,6 @@ from engine_helpers import (
     text_ids,
 )
 from memento.engine import Engine
-from memento.hf import with_cache
 from memento.masking import BlockMaskingConfig, evictions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -181,29 +181,13 @@ def test_restart_reference_differs_from_memento(model, toy_tokenizer, markers, w
 
 def test_physical_removal_from_dynamic_cache(model, toy_tokenizer, markers, words):
     """The compaction primitive on a stock transformers DynamicCache."""
-    from transformers import DynamicCache
-
-    from memento.hf import remove_span
-
     config = BlockMaskingConfig()
     prompt, out = _streams(toy_tokenizer, markers, words, seed=2, count=1)[0]
     ids = prompt + out
     ref = dense_logits(model, ids, markers, config)
-    cache = DynamicCache()
-    evs = evictions(ids, markers, config)
-    slots = list(range(0))
-    with torch.no_grad():
-        for p, t in enumerate(ids):
-            for ev in (e for e in evs if e.trigger == p):
-                first = sum(1 for s in slots if s < ev.start)
-                last = sum(1 for s in slots if s < ev.end)
-                remove_span(cache, first, last)
-                del slots[first:last]
-            logits = model(
-                input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[p]]), **with_cache(model, cache)
-            ).logits
-            slots.append(p)
-            assert (logits[0, -1] - ref[p]).abs().max() <= TOL
+    _, _, logits = evicting_decode(model, ids, markers, config)
+    for p in range(len(ids)):
+        assert (logits[p] - ref[p]).abs().max() <= TOL
 
 
 def test_batched_extend_equals_row_by_row(model, toy_tokenizer, markers, words):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from engine_helpers import one_thread, sharp_model  # noqa: F401 (fixture)
+from engine_helpers import evicting_decode, one_thread, sharp_model  # noqa: F401 (fixture)
 from memento.cli import app
 from memento.hf import cache_kv, remove_span, with_cache
 from memento.masking import BlockMaskingConfig, attention_mask, evictions
@@ -119,29 +119,6 @@ def tiny(toy_tokenizer, markers):
     return model, problems, ids
 
 
-@torch.no_grad()
-def _incremental_cache(model, ids, markers, config):
-    """Token by token with a stock DynamicCache, evicting physically at each trigger (the engine's
-    way, written out): returns the cache and the logical position of each kept slot."""
-    from transformers import DynamicCache
-
-    cache, slots = DynamicCache(), []
-    evs = evictions(ids, markers, config)
-    logits = []
-    for p, t in enumerate(ids):
-        for ev in (e for e in evs if e.trigger == p):
-            first = sum(1 for s in slots if s < ev.start)
-            last = sum(1 for s in slots if s < ev.end)
-            remove_span(cache, first, last)
-            del slots[first:last]
-        out = model(
-            input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[p]]), **with_cache(model, cache)
-        )
-        logits.append(out.logits[0, -1])
-        slots.append(p)
-    return cache, slots, torch.stack(logits)
-
-
 def test_extracted_features_are_the_engines_cached_kv(tiny, markers):
     model, _, ids = tiny
     feats = extract(model, ids, markers, "memento", batch_size=3)
@@ -151,7 +128,7 @@ def test_extracted_features_are_the_engines_cached_kv(tiny, markers):
     assert feats.shape == (4, 10, layers, n, 2 * 2 * 16)  # [keys | values] of 2 kv heads x 16
     assert pooled(feats, "concat").shape == (4, 10, layers, n * 64)
     assert pooled(feats, "mean").shape == (4, 10, layers, 64)
-    cache, slots, _ = _incremental_cache(model, ids[1], markers, BlockMaskingConfig())
+    cache, slots, _ = evicting_decode(model, ids[1], markers, BlockMaskingConfig())
     for j, (ss, se) in enumerate(memento_spans(ids[1], markers)):
         for t, p in enumerate(range(ss, se)):
             for layer in range(layers):
@@ -223,7 +200,7 @@ def test_patched_continuation_reads_the_donors_kv(tiny, toy_tokenizer, markers):
         worst = max(worst, (logits - out[p]).abs().max().item())
     assert worst <= 1e-4
     # the patch matters (not a vacuous check), and everything before the memento is untouched
-    _, _, clean = _incremental_cache(model, ids_b, markers, BlockMaskingConfig())
+    _, _, clean = evicting_decode(model, ids_b, markers, BlockMaskingConfig())
     assert (clean[: marks.se] - out[: marks.se]).abs().max() <= 1e-4
     assert (clean[marks.se :] - out[marks.se : len(ids_b)]).abs().max() > 1e-3
     res = run_pairs(model, [(ids_a, ids_b)], markers, 2)
