@@ -60,7 +60,7 @@ START = Profile(
 PROFILES: dict[str, RLDemoProfile] = {
     "default": RLDemoProfile(
         "default", start=START, n_prompts=3000, prompt_min_steps=10, prompt_max_steps=12, n_eval=200,
-        steps=30, group_size=4, prompts_per_step=32, lr=1e-4, warmup_steps=3, beta=0.001, temperature=0.5,
+        steps=20, group_size=4, prompts_per_step=64, lr=1e-4, warmup_steps=3, beta=0.001, temperature=0.3,
         eval_every=10, step_weight=1.0, scale_rewards="none", max_new_tokens=600,
     ),
     # Tests only: seconds; checks the plumbing, not the learning.
