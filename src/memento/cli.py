@@ -7,6 +7,8 @@ import typer
 
 from memento import __version__
 from memento.console import plain_help_when_piped
+from memento.cpu_numerics import pin_cpu_numerics
+from memento.user_errors import fail
 
 app = typer.Typer(
     name="memento",
@@ -33,6 +35,10 @@ def main(
     ),
 ) -> None:
     """MEMENTO block reasoning toolkit."""
+    try:  # before any command loads torch; a no-op unless MEMENTO_CPU_NUMERICS=avx2
+        pin_cpu_numerics()
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def _register_commands() -> None:

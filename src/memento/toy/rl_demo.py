@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from memento.cpu_numerics import cpu_kernels
 from memento.toy.demo.profiles import PROFILES as DEMO_PROFILES
 from memento.toy.demo.profiles import Profile
 from memento.toy.tasks import TRAIN, ChainTask
@@ -165,6 +166,7 @@ def run_rl_demo(cfg: RLDemoConfig, log: Callable[[str], None] | None = None) -> 
     report = {
         "profile": s.name,
         "seed": cfg.seed,
+        "cpu_kernels": cpu_kernels(),
         "settings": asdict(s),
         "start_model": str(start_model),
         "start_seconds_this_invocation": round(start_seconds, 1),

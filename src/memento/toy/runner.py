@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memento.cpu_numerics import cpu_kernels
+
 
 @dataclass
 class Ui:
@@ -135,6 +137,7 @@ class StageRunner:
                 with cpu_threads(self.threads, self.ui):
                     result = stage.fn()
                 result["threads"] = self.threads
+                result["cpu_kernels"] = cpu_kernels()
             else:
                 result = stage.fn()
             result["seconds"] = round(time.perf_counter() - t0, 2)
