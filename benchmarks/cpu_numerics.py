@@ -87,7 +87,7 @@ def run(model_dir: Path, *, setting: str, emulate: str | None = None, timed: boo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per setting")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
