@@ -38,11 +38,13 @@ def test_leaves_what_the_user_set(has_avx2: None) -> None:
     assert env["ATEN_CPU_CAPABILITY"] == "avx2"
 
 
-def test_nothing_pinned_off_x86(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_avx2_off_x86_is_an_error_not_native_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_numerics.platform, "machine", lambda: "arm64")
     env = {SWITCH: "avx2"}
-    assert not pin_cpu_numerics(env)
+    with pytest.raises(ValueError, match="arm64"):
+        pin_cpu_numerics(env)
     assert env == {SWITCH: "avx2"}
+    assert not pin_cpu_numerics({SWITCH: "native"})
 
 
 def test_a_typo_is_an_error_not_native_numbers(has_avx2: None) -> None:

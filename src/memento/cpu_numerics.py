@@ -28,16 +28,20 @@ PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA
 
 
 def pin_cpu_numerics(environ: MutableMapping[str, str] | None = None) -> bool:
-    """Set `PINNED` (where unset) if `SWITCH` is "avx2" on an x86-64 CPU with AVX2; True if set.
+    """Set `PINNED` (where unset) if `SWITCH` is "avx2"; True if set, False for native (the default).
 
-    Raises ValueError for a value other than "avx2", "native" or empty (a typo must not silently
-    give the machine's own numbers)."""
+    Raises ValueError for a value other than "avx2", "native" or empty, and for "avx2" on a CPU
+    without AVX2: asking for comparable numbers must never silently give the machine's own."""
     env = os.environ if environ is None else environ
     choice = env.get(SWITCH, "").strip().lower()
     if choice not in {"", "native", "avx2"}:
         raise ValueError(f"{SWITCH}={env[SWITCH]!r}: use avx2 (AVX2 kernels on any x86-64 CPU) or native")
-    if choice != "avx2" or not _x86_with_avx2():
+    if choice != "avx2":
         return False
+    if not _x86_with_avx2():
+        raise ValueError(
+            f"{SWITCH}=avx2 needs an x86-64 CPU with AVX2 (this is {platform.machine()}); unset it"
+        )
     for name, value in PINNED.items():
         env.setdefault(name, value)
     return True
