@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from memento.cpu_numerics import PINNED, SWITCH
+from memento.cpu_numerics import PINNED, SWITCH, cpu_flags, cpu_kernels, pin_cpu_numerics
 
 STEPS, BATCH, LENGTH = 3, 2, 64
 TIMED_STEPS, TIMED_BATCH, TIMED_LENGTH = 20, 4, 256
@@ -34,8 +34,6 @@ EMULATED = ("Haswell", "EPYC-Rome")
 
 def child(model_dir: str, steps: int, batch: int, length: int) -> None:
     """Run in a fresh process: pin (if asked) before torch computes anything, train, print JSON."""
-    from memento.cpu_numerics import cpu_kernels, pin_cpu_numerics
-
     pin_cpu_numerics()
     import hashlib
     import time
@@ -95,9 +93,7 @@ def main() -> None:
         return
     from memento.toy.kit import build_tiny_model, build_tokenizer, save_toy_model
 
-    flags = next(
-        (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), ""
-    )
+    flags = cpu_flags() or set()
     results: dict[str, dict] = {}
     timings: dict[str, list[float]] = {"native": [], "avx2": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,7 +119,7 @@ def main() -> None:
     print(f"bit-identical: {summary}")
     report = {
         "summary": summary,
-        "cpu": {"avx2": " avx2" in flags, "avx512f": " avx512f" in flags, "amx_tile": " amx_tile" in flags},
+        "cpu": {flag: flag in flags for flag in ("avx2", "avx512f", "amx_tile")},
         "workload": {"model": "toy kit Qwen3, 2 layers, d=128", "adamw_steps": STEPS, "batch": BATCH, "length": LENGTH},
         "results": results,
         "timing": {"model": "toy kit Qwen3, 4 layers, d=128 (the demo's)", "adamw_steps": TIMED_STEPS,

@@ -56,10 +56,17 @@ def cpu_kernels() -> str:
     return f"{capability} (MKL_CBWR={cbwr})" if cbwr else capability
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); None where there is no such file."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return None
+    line = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
 def _x86_with_avx2() -> bool:
     if platform.machine().lower() not in {"x86_64", "amd64"}:
         return False
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():  # macOS, Windows: no cheap check; x86-64 CPUs without AVX2 are rare
-        return True
-    return any(line.startswith("flags") and " avx2" in line for line in cpuinfo.read_text().splitlines())
+    flags = cpu_flags()
+    return flags is None or "avx2" in flags  # macOS, Windows: no cheap check; x86-64 without AVX2 is rare
